@@ -1,0 +1,1 @@
+"""Engine layer: spec -> launch -> supervise -> outcome. No pytest import; usable on its own."""

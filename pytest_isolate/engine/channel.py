@@ -1,0 +1,41 @@
+"""A one-way record channel from the sandbox to the supervisor, kept in a memfd.
+
+A memfd (not a pipe) so a sandbox can write any amount without the supervisor reading concurrently,
+and so every record written before a crash survives it. Records are JSON lines; a line cut short by a
+crash is ignored.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Iterator
+
+
+class Channel:
+    """Append-only JSON-lines records shared across fork (same open file, same offset)."""
+
+    def __init__(self) -> None:
+        self.fd = os.memfd_create("pytest-isolate", os.MFD_CLOEXEC)
+
+    def send(self, kind: str, **fields: Any) -> None:
+        line = json.dumps({"kind": kind, **fields}, default=str).encode() + b"\n"
+        view = memoryview(line)
+        while view:
+            view = view[os.write(self.fd, view) :]
+
+    def records(self) -> Iterator[dict[str, Any]]:
+        size = os.lseek(self.fd, 0, os.SEEK_END)
+        data = os.pread(self.fd, size, 0) if size else b""
+        for line in data.split(b"\n"):
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(record, dict):
+                yield record
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1

@@ -1,0 +1,1 @@
+"""Linux layer: syscalls, namespaces, mounts, cgroups and the capability probe (stdlib only)."""

@@ -1,0 +1,110 @@
+"""Thin, typed ctypes wrappers for the syscalls ``os`` lacks (or lacks before 3.12).
+
+Every function declares ``argtypes``/``restype`` and shares one ``errcheck`` that raises
+``OSError(errno, "<call>(<args>) failed: <strerror>")`` so a failure names the exact call.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+from typing import Any, Callable, Optional
+
+CLONE_NEWNS = 0x00020000
+CLONE_NEWCGROUP = 0x02000000
+CLONE_NEWUTS = 0x04000000
+CLONE_NEWIPC = 0x08000000
+CLONE_NEWUSER = 0x10000000
+CLONE_NEWPID = 0x20000000
+CLONE_NEWNET = 0x40000000
+
+MS_RDONLY = 1
+MS_NOSUID = 2
+MS_NODEV = 4
+MS_NOEXEC = 8
+MS_REMOUNT = 32
+MS_BIND = 4096
+MS_MOVE = 8192
+MS_REC = 16384
+MS_PRIVATE = 1 << 18
+MS_SLAVE = 1 << 19
+
+MNT_DETACH = 2
+
+PR_SET_PDEATHSIG = 1
+PR_SET_CHILD_SUBREAPER = 36
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+
+
+def _errcheck(result: int, func: Any, args: tuple[Any, ...]) -> int:
+    if result == -1:
+        err = ctypes.get_errno()
+        shown = ", ".join(_show(a) for a in args)
+        raise OSError(err, f"{func.__name__}({shown}) failed: {os.strerror(err)}")
+    return result
+
+
+def _show(arg: Any) -> str:
+    if isinstance(arg, bytes):
+        return repr(arg.decode(errors="replace"))
+    return repr(arg)
+
+
+def _declare(name: str, argtypes: list[Any]) -> Callable[..., int]:
+    func = getattr(_libc, name)
+    func.argtypes = argtypes
+    func.restype = ctypes.c_int
+    func.errcheck = _errcheck
+    return func  # type: ignore[no-any-return]
+
+
+_c_str = ctypes.c_char_p
+_mount = _declare("mount", [_c_str, _c_str, _c_str, ctypes.c_ulong, _c_str])
+_umount2 = _declare("umount2", [_c_str, ctypes.c_int])
+_unshare = _declare("unshare", [ctypes.c_int])
+_prctl = _declare("prctl", [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong])
+_syscall = _libc.syscall
+_syscall.restype = ctypes.c_long
+_SYS_PIVOT_ROOT = 155  # x86_64; see _pivot_root_number()
+
+
+def _fs(path: Optional[str]) -> Optional[bytes]:
+    return None if path is None else os.fsencode(path)
+
+
+def mount(source: Optional[str], target: str, fstype: Optional[str], flags: int = 0, data: Optional[str] = None) -> None:
+    """mount(2); ``data`` is the comma-separated option string of the filesystem."""
+    _mount(_fs(source), _fs(target), _fs(fstype), flags, _fs(data))
+
+
+def umount2(target: str, flags: int = 0) -> None:
+    """umount2(2)."""
+    _umount2(_fs(target), flags)
+
+
+def unshare(flags: int) -> None:
+    """unshare(2): ``os.unshare`` exists only from Python 3.12."""
+    _unshare(flags)
+
+
+def prctl(option: int, arg2: int = 0) -> None:
+    """prctl(2) for the integer options we use (PDEATHSIG, CHILD_SUBREAPER)."""
+    _prctl(option, arg2, 0, 0, 0)
+
+
+def _pivot_root_number() -> int:
+    machine = os.uname().machine
+    return {"x86_64": 155, "aarch64": 41, "riscv64": 41, "ppc64le": 203, "s390x": 217}.get(machine, _SYS_PIVOT_ROOT)
+
+
+_PIVOT_ROOT = _pivot_root_number()
+
+
+def pivot_root(new_root: str, put_old: str) -> None:
+    """pivot_root(2), which glibc does not wrap."""
+    res = _syscall(ctypes.c_long(_PIVOT_ROOT), _fs(new_root), _fs(put_old))
+    if res == -1:
+        err = ctypes.get_errno()
+        raise OSError(err, f"pivot_root({new_root!r}, {put_old!r}) failed: {os.strerror(err)}")

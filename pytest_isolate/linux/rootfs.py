@@ -1,0 +1,140 @@
+"""Build the sandbox root from a plan, inside a fresh mount namespace (the bubblewrap sequence).
+
+1. propagation MS_REC|MS_SLAVE on ``/`` before any mount, so nothing leaks back to the host;
+2. a size-capped scratch tmpfs on ``/tmp``, then ``pivot_root`` into it: the host tree moves to
+   ``/oldroot`` *without* the tmpfs on top of its ``/tmp``, so host ``/tmp`` can be a lower layer;
+3. ``/newroot`` is assembled from overlays (upper/work in the scratch), recursive binds and a fresh
+   ``/proc``; ``writable`` host paths are bound read-write on top;
+4. ``pivot_root(".", ".")`` in ``/newroot`` and a lazy unmount of the old root.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Sequence
+
+from . import libc
+from .mounts import Step
+
+STAGE = "/tmp"
+OLD = "/oldroot"
+NEW = "/newroot"
+SCRATCH = "/scratch"
+
+
+@dataclass(frozen=True)
+class RootOptions:
+    """How to build the root: which layers, and where the upper layers live."""
+
+    steps: Sequence[Step]
+    writable: Sequence[str] = ()
+    scratch_size: str = "50%"
+    userxattr: bool = False
+    # Host directories for upper layers when tmpfs lacks user xattrs (< 6.6). Overlayfs refuses an
+    # upper inside its own lower ("overlapping layers"), so each overlay takes the first base that
+    # is not below its lower directory: give two bases in different trees.
+    upper_bases: tuple[str, ...] = ()
+    proc: bool = True
+
+
+def _escape(path: str) -> str:
+    # overlayfs splits its options on ',' and lowerdir on ':'
+    return path.replace("\\", "\\\\").replace(",", "\\,").replace(":", "\\:")
+
+
+def _copy_mode(src: str, dst: str) -> None:
+    st = os.stat(src)
+    os.chmod(dst, st.st_mode & 0o7777)
+    try:
+        os.chown(dst, st.st_uid, st.st_gid)
+    except OSError:
+        pass  # rootless: the owner may be unmapped; the mode still matters most (e.g. /tmp's 1777)
+
+
+class _Builder:
+    def __init__(self, opts: RootOptions) -> None:
+        self.opts = opts
+        self.layers = 0
+
+    def scratch_for(self, path: str) -> str:
+        for base in self.opts.upper_bases:
+            if not (base + "/").startswith(path.rstrip("/") + "/"):
+                return OLD + base
+        if self.opts.upper_bases:
+            raise OSError(22, f"no upper layer base outside {path} (bases: {', '.join(self.opts.upper_bases)})")
+        return SCRATCH
+
+    def overlay(self, path: str) -> None:
+        lower, target = OLD + path, NEW + path
+        self.layers += 1
+        scratch = self.scratch_for(path)
+        upper = f"{scratch}/{self.layers}/upper"
+        work = f"{scratch}/{self.layers}/work"
+        os.makedirs(upper)
+        os.mkdir(work)
+        _copy_mode(lower, upper)
+        os.makedirs(target, exist_ok=True)
+        data = f"lowerdir={_escape(lower)},upperdir={_escape(upper)},workdir={_escape(work)}"
+        if self.opts.userxattr:
+            data += ",userxattr"
+        try:
+            libc.mount("overlay", target, "overlay", 0, data)
+        except OSError as exc:
+            raise OSError(exc.errno, f"overlay of {path}: {exc.strerror}") from exc
+
+    def rbind(self, path: str, target: str = "") -> None:
+        dst = NEW + (target or path)
+        if os.path.isdir(OLD + path):
+            os.makedirs(dst, exist_ok=True)
+        else:
+            open(dst, "a").close()
+        libc.mount(OLD + path, dst, None, libc.MS_BIND | libc.MS_REC)
+
+    def readonly_file(self, path: str) -> None:
+        self.rbind(path)
+        flags = libc.MS_REMOUNT | libc.MS_BIND | libc.MS_RDONLY | libc.MS_NOSUID | libc.MS_NODEV
+        try:
+            libc.mount(None, NEW + path, None, flags)
+        except OSError:
+            pass  # a locked mount keeps its flags; reading is what matters
+
+    def step(self, s: Step) -> None:
+        if s.action == "dir":
+            os.makedirs(NEW + s.path, exist_ok=True)
+            _copy_mode(OLD + s.path, NEW + s.path)
+        elif s.action == "overlay":
+            self.overlay(s.path)
+        elif s.action == "rbind":
+            self.rbind(s.path)
+        elif s.action == "file":
+            self.readonly_file(s.path)
+        elif s.action == "symlink":
+            os.symlink(s.target, NEW + s.path)
+        elif s.action == "proc":
+            os.makedirs(NEW + s.path, exist_ok=True)
+            if self.opts.proc:
+                libc.mount("proc", NEW + s.path, "proc", libc.MS_NOSUID | libc.MS_NODEV | libc.MS_NOEXEC)
+        else:
+            raise ValueError(f"unknown root step {s.action!r}")
+
+
+def build_root(opts: RootOptions) -> None:
+    """Replace this mount namespace's root by the copy-on-write view; call as PID 1 of the sandbox."""
+    libc.mount(None, "/", None, libc.MS_REC | libc.MS_SLAVE)
+    libc.mount("tmpfs", STAGE, "tmpfs", libc.MS_NOSUID | libc.MS_NODEV, f"mode=755,size={opts.scratch_size}")
+    for d in (NEW, OLD, SCRATCH):
+        os.mkdir(STAGE + d)
+    libc.pivot_root(STAGE, STAGE + OLD)
+    os.chdir("/")
+    libc.mount(NEW, NEW, None, libc.MS_BIND)
+    _copy_mode(OLD, NEW)
+    builder = _Builder(opts)
+    for s in opts.steps:
+        builder.step(s)
+    for path in opts.writable:
+        libc.mount(OLD + path, NEW + path, None, libc.MS_BIND | libc.MS_REC)
+    os.chdir(NEW)
+    libc.pivot_root(".", ".")
+    libc.umount2(".", libc.MNT_DETACH)
+    os.chdir("/")
