@@ -1,0 +1,166 @@
+"""Probe, once, what isolation this host allows: one frozen ``Capabilities`` value.
+
+Each feature is tried for real in a forked child (a namespace cannot be tested without entering it),
+the way the sandbox itself will use it: rootless, every namespace is created together with a user
+namespace. A failed probe keeps its errno and message; the engine's ``explain`` turns it into a fix.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+from . import libc
+from .net import loopback_up
+from .userns import write_identity_maps
+
+
+@dataclass(frozen=True)
+class Feature:
+    """One probed feature: whether it works and, if not, the errno and message of the failing call."""
+
+    name: str
+    ok: bool
+    detail: str = ""
+    errno: Optional[int] = None
+    required: bool = True
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What this host allows, for this user. Branch on these flags, never on guesses."""
+
+    root: bool
+    kernel: str
+    features: tuple[Feature, ...]
+
+    def get(self, name: str) -> Feature:
+        for feature in self.features:
+            if feature.name == name:
+                return feature
+        raise KeyError(name)
+
+    @property
+    def full(self) -> bool:
+        return all(f.ok for f in self.features if f.required)
+
+    @property
+    def missing(self) -> tuple[Feature, ...]:
+        return tuple(f for f in self.features if f.required and not f.ok)
+
+
+def _in_child(func: Callable[[], str]) -> tuple[bool, str, Optional[int]]:
+    """Run ``func`` in a forked child; (ok, detail or error message, errno)."""
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(read)
+        try:
+            result = {"ok": True, "detail": func()}
+        except OSError as exc:
+            result = {"ok": False, "detail": str(exc), "errno": exc.errno}
+        except BaseException as exc:
+            result = {"ok": False, "detail": f"{type(exc).__name__}: {exc}"}
+        os.write(write, json.dumps(result).encode())
+        os._exit(0)
+    os.close(write)
+    with os.fdopen(read, "rb") as f:
+        data = f.read()
+    os.waitpid(pid, 0)
+    try:
+        result = json.loads(data)
+    except ValueError:
+        return False, "the probe process died", None
+    return bool(result["ok"]), str(result.get("detail", "")), result.get("errno")
+
+
+def _enter(flags: int, userns: bool) -> None:
+    uid, gid = os.getuid(), os.getgid()
+    libc.unshare(flags | (libc.CLONE_NEWUSER if userns else 0))
+    if userns:
+        write_identity_maps(uid, gid)
+
+
+def _fork_and(func: Callable[[], None]) -> None:
+    """Run ``func`` in a grandchild (the first process of a new PID namespace); raise what it raised."""
+    ok, detail, err = _in_child(lambda: (func(), "")[1])
+    if not ok:
+        raise OSError(err or 0, detail)
+
+
+def _proc_probe(userns: bool) -> str:
+    _enter(libc.CLONE_NEWNS | libc.CLONE_NEWPID, userns)
+    libc.mount(None, "/", None, libc.MS_REC | libc.MS_PRIVATE)
+    _fork_and(lambda: libc.mount("proc", "/proc", "proc", libc.MS_NOSUID | libc.MS_NODEV | libc.MS_NOEXEC))
+    return "a fresh /proc can be mounted"
+
+
+def _overlay_probe(userns: bool, lower: str) -> str:
+    _enter(libc.CLONE_NEWNS, userns)
+    libc.mount(None, "/", None, libc.MS_REC | libc.MS_PRIVATE)
+    base = "/tmp"  # a tmpfs over /tmp in this private mount namespace: nothing touches the host
+    libc.mount("tmpfs", base, "tmpfs", 0, "size=1M")
+    for d in ("upper", "work", "merged"):
+        os.mkdir(f"{base}/{d}")
+    data = f"lowerdir={lower},upperdir={base}/upper,workdir={base}/work" + (",userxattr" if userns else "")
+    libc.mount("overlay", f"{base}/merged", "overlay", 0, data)
+    return f"overlay over {lower} with its upper on tmpfs"
+
+
+def _tmpfs_xattr_probe(userns: bool) -> str:
+    _enter(libc.CLONE_NEWNS, userns)
+    libc.mount(None, "/", None, libc.MS_REC | libc.MS_PRIVATE)
+    base = "/tmp"
+    libc.mount("tmpfs", base, "tmpfs", 0, "size=1M")
+    os.setxattr(base, "user.pytest-isolate" if userns else "trusted.pytest-isolate", b"1")
+    return "tmpfs holds the overlay xattrs: upper layers live in memory"
+
+
+def _named(name: str, func: Callable[[], str], required: bool = True) -> Feature:
+    ok, detail, err = _in_child(func)
+    return Feature(name, ok, detail, err, required)
+
+
+NAMESPACES = (
+    ("user namespace", libc.CLONE_NEWUSER),
+    ("mount namespace", libc.CLONE_NEWNS),
+    ("PID namespace", libc.CLONE_NEWPID),
+    ("network namespace", libc.CLONE_NEWNET),
+    ("UTS namespace", libc.CLONE_NEWUTS),
+    ("IPC namespace", libc.CLONE_NEWIPC),
+    ("cgroup namespace", libc.CLONE_NEWCGROUP),
+)
+
+
+def _namespace_features(userns: bool) -> list[Feature]:
+    """All namespaces in one unshare() (the common case: one fork); one by one only if that fails."""
+    every = 0
+    for _, flag in NAMESPACES:
+        every |= flag
+    ok, _, _ = _in_child(lambda: (_enter(every & ~libc.CLONE_NEWUSER, userns), "")[1])
+    features = []
+    for name, flag in NAMESPACES:
+        required = flag != libc.CLONE_NEWUSER or userns
+        if ok:
+            features.append(Feature(name, True, "unshare() works", None, required))
+        else:
+            features.append(_named(name, lambda f=flag: (_enter(f & ~libc.CLONE_NEWUSER, userns or f == libc.CLONE_NEWUSER), "unshare() works")[1], required))
+    return features
+
+
+def probe(lower: str = "/usr") -> Capabilities:
+    """Try every feature the sandbox needs, each in its own child process (a few ms in all)."""
+    userns = os.getuid() != 0
+    features = _namespace_features(userns)
+    features.append(_named("loopback network", lambda: (_enter(libc.CLONE_NEWNET, userns), loopback_up(), "lo is up")[2]))
+    features.append(_named("hostname", lambda: (_enter(libc.CLONE_NEWUTS, userns), socket.sethostname("probe"), "settable")[2]))
+    features.append(_named("fresh /proc", lambda: _proc_probe(userns)))
+    features.append(_named("overlay mount", lambda: _overlay_probe(userns, lower)))
+    features.append(_named("tmpfs upper layer", lambda: _tmpfs_xattr_probe(userns), required=False))
+    fuse = shutil.which("fuse-overlayfs")
+    features.append(Feature("fuse-overlayfs", bool(fuse), fuse or "not installed", None, required=False))
+    return Capabilities(root=not userns, kernel=os.uname().release, features=tuple(features))

@@ -1,0 +1,179 @@
+"""Run one test item in a sandbox with pytest's own phases, split between two processes.
+
+In the pytest process (before the fork): the setup phase with ``item.setup`` narrowed to the
+higher-scoped fixtures, so class/module/package/session fixtures are created once, here, in pytest's
+order, and inherited by the sandbox. In the sandbox: setup (function-scoped fixtures), call and
+teardown of the item, as ``runtestprotocol`` does, each report sent back as JSON the moment it
+exists. Back in the pytest process: the teardown phase again, which pops the item and tears down
+whatever higher-scoped fixtures the next item does not need, once, here.
+"""
+
+from __future__ import annotations
+
+import faulthandler
+import warnings
+from typing import Any, Callable, Optional
+
+import pytest
+from _pytest.runner import call_and_report
+
+from ..engine.channel import Channel
+from ..engine.launch import Outcome
+from .reports import describe_status, load_report, make_report, send_report
+
+# True in the sandbox's payload process (PID 2); hooks that only matter there check it.
+IN_SANDBOX = False
+
+
+def _scope_of(item: pytest.Item, name: str) -> str:
+    defs = item._fixtureinfo.name2fixturedefs.get(name)  # type: ignore[attr-defined]
+    return str(defs[-1].scope) if defs else "function"
+
+
+def _setup_outer_scopes(item: pytest.Item) -> None:
+    """The pytest-process half of ``Function.setup``: only fixtures broader than the function."""
+    info = getattr(item, "_fixtureinfo", None)
+    request = getattr(item, "_request", None)
+    if info is None or not request:
+        return
+    for name in info.names_closure:
+        if _scope_of(item, name) != "function":
+            request.getfixturevalue(name)
+
+
+def _outer_setup(item: pytest.Item) -> pytest.TestReport:
+    if hasattr(item, "_request") and not item._request:
+        item._initrequest()  # type: ignore[attr-defined]
+    item.setup = lambda: _setup_outer_scopes(item)  # type: ignore[method-assign]
+    try:
+        return call_and_report(item, "setup", log=False)
+    finally:
+        del item.setup
+
+
+def _outer_teardown(item: pytest.Item, nextitem: Optional[pytest.Item]) -> pytest.TestReport:
+    if item.session.shouldfail or item.session.shouldstop:
+        nextitem = None
+    report = call_and_report(item, "teardown", log=False, nextitem=nextitem)
+    if hasattr(item, "_request"):
+        item._request = False  # type: ignore[attr-defined]
+        item.funcargs = None  # type: ignore[attr-defined]
+    return report
+
+
+def _forget_outer_state(item: pytest.Item) -> None:
+    """In the sandbox: the stack's finalizers belong to the pytest process; drop our copies.
+
+    Finalizers registered from now on (a higher-scoped fixture first requested inside the sandbox)
+    run at this sandbox's teardown, as the sandbox tears down the whole stack.
+    """
+    stack = item.session._setupstate.stack  # type: ignore[attr-defined]
+    for node, (_, exc) in list(stack.items()):
+        stack[node] = ([], exc)
+    stack.pop(item, None)
+
+
+def _sandboxed_protocol(item: pytest.Item, chan: Channel) -> int:
+    global IN_SANDBOX
+    IN_SANDBOX = True
+    if faulthandler.is_enabled():
+        faulthandler.enable(file=2)  # fd 2: captured, so a crash dump reaches the report
+    _forget_outer_state(item)
+    config = item.config
+    with warnings.catch_warnings(record=True) as caught:
+        report = call_and_report(item, "setup", log=False)
+        send_report(chan, config, report)
+        if report.passed and not config.getoption("setuponly", False):
+            send_report(chan, config, call_and_report(item, "call", log=False))
+        send_report(chan, config, call_and_report(item, "teardown", log=False, nextitem=None))
+    for w in caught:
+        cat = w.category
+        chan.send("warning", message=str(w.message), category=f"{cat.__module__}:{cat.__qualname__}",
+                  filename=w.filename, lineno=w.lineno)
+    return 0
+
+
+def _replay_warning(record: dict[str, Any]) -> None:
+    module, _, name = record["category"].partition(":")
+    category: Any = UserWarning
+    try:
+        category = getattr(__import__(module, fromlist=[name]), name)
+    except (ImportError, AttributeError):
+        pass
+    if not (isinstance(category, type) and issubclass(category, Warning)):
+        category = UserWarning
+    warnings.warn_explicit(record["message"], category, record["filename"], record["lineno"])
+
+
+def _captured_since_crash(config: pytest.Config) -> list[tuple[str, str]]:
+    capman = config.pluginmanager.getplugin("capturemanager")
+    try:
+        out, err = capman.read_global_capture()
+    except Exception:
+        return []
+    return [(f"Captured {name} call", text) for name, text in (("stdout", out), ("stderr", err)) if text]
+
+
+def _crash_report(item: pytest.Item, outcome: Outcome, when: str) -> pytest.TestReport:
+    what = describe_status(outcome.status)
+    text = (
+        f"{item.nodeid}: the isolated test process {what} during {when}; "
+        "the sandbox and every process in it were killed and the run continues."
+    )
+    return make_report(item, when, "failed", text, _captured_since_crash(item.config), outcome.wall)
+
+
+def _setup_error_report(item: pytest.Item, outcome: Outcome, hint: Callable[[Any], str]) -> pytest.TestReport:
+    err = outcome.setup_error
+    assert err is not None
+    return make_report(item, "setup", "failed", hint(err), (), outcome.wall)
+
+
+def child_reports(item: pytest.Item, outcome: Outcome, hint: Callable[[Any], str]) -> list[pytest.TestReport]:
+    """The sandbox's reports, completed with failure reports for whatever it could not send."""
+    reports = [load_report(item.config, r["data"]) for r in outcome.records if r["kind"] == "report"]
+    if outcome.setup_error is not None and not reports:
+        return [_setup_error_report(item, outcome, hint)]
+    whens = [r.when for r in reports]
+    if "setup" not in whens:
+        return [_crash_report(item, outcome, "setup")]
+    if "teardown" not in whens:
+        if reports[0].passed and "call" not in whens:
+            reports.append(_crash_report(item, outcome, "call"))
+        elif "call" in whens:
+            reports.append(_crash_report(item, outcome, "teardown"))
+    return reports
+
+
+def _merge_teardown(sandbox: Optional[pytest.TestReport], outer: pytest.TestReport) -> pytest.TestReport:
+    if sandbox is None:
+        return outer
+    sandbox.sections = list(sandbox.sections) + list(outer.sections)
+    if outer.failed and not sandbox.failed:
+        outer.sections = sandbox.sections
+        return outer
+    if outer.failed:
+        sandbox.sections.append(("teardown in the pytest process", str(outer.longrepr)))
+    return sandbox
+
+
+def run_item(item: pytest.Item, nextitem: Optional[pytest.Item], start: Callable[[Callable[[Channel], int]], Outcome],
+             hint: Callable[[Any], str]) -> None:
+    """The whole protocol for one isolated item; logs its reports like ``runtestprotocol``."""
+    ihook = item.ihook
+    log = ihook.pytest_runtest_logreport
+    setup = _outer_setup(item)
+    if not setup.passed:
+        log(report=setup)
+        log(report=_outer_teardown(item, nextitem))
+        return
+    outcome = start(lambda chan: _sandboxed_protocol(item, chan))
+    reports = child_reports(item, outcome, hint)
+    reports[0].sections = list(setup.sections) + list(reports[0].sections)
+    sandbox_teardown = reports.pop() if reports[-1].when == "teardown" else None
+    for report in reports:
+        log(report=report)
+    for record in outcome.records:
+        if record["kind"] == "warning":
+            _replay_warning(record)
+    log(report=_merge_teardown(sandbox_teardown, _outer_teardown(item, nextitem)))

@@ -1,0 +1,65 @@
+"""Reports crossing the sandbox boundary, and the reports we make when a sandbox dies.
+
+Reports travel only as JSON made by pytest's own ``pytest_report_to_serializable`` /
+``pytest_report_from_serializable`` hooks (as pytest-xdist does); nothing is pickled.
+"""
+
+from __future__ import annotations
+
+import signal
+from typing import Any, Optional, Sequence
+
+import pytest
+
+from ..engine.channel import Channel
+
+
+def send_report(chan: Channel, config: pytest.Config, report: pytest.TestReport) -> None:
+    data = config.hook.pytest_report_to_serializable(config=config, report=report)
+    chan.send("report", data=data)
+
+
+def load_report(config: pytest.Config, data: dict[str, Any]) -> pytest.TestReport:
+    if isinstance(data.get("longrepr"), list):  # a skip's (path, lineno, reason): JSON has no tuples
+        data["longrepr"] = tuple(data["longrepr"])
+    report = config.hook.pytest_report_from_serializable(config=config, data=data)
+    assert isinstance(report, pytest.TestReport)
+    return report
+
+
+def describe_status(status: Optional[int]) -> str:
+    """"crashed with SIGSEGV (signal 11)" / "exited with status 3" for a wait status."""
+    import os
+
+    if status is None:
+        return "died without reporting its exit status"
+    if os.WIFSIGNALED(status):
+        num = os.WTERMSIG(status)
+        try:
+            name = signal.Signals(num).name
+        except ValueError:
+            name = f"signal {num}"
+        return f"crashed with {name} (signal {num})"
+    return f"exited with status {os.WEXITSTATUS(status)}"
+
+
+def make_report(
+    item: pytest.Item,
+    when: str,
+    outcome: str,
+    longrepr: Optional[str],
+    sections: Sequence[tuple[str, str]] = (),
+    duration: float = 0.0,
+) -> pytest.TestReport:
+    """A report the test itself could not send (it crashed, or its sandbox could not be built)."""
+    return pytest.TestReport(
+        nodeid=item.nodeid,
+        location=item.location,
+        keywords={k: 1 for k in item.keywords},
+        outcome=outcome,  # type: ignore[arg-type]
+        longrepr=longrepr,
+        when=when,  # type: ignore[arg-type]
+        sections=list(sections),
+        duration=duration,
+        user_properties=list(item.user_properties),
+    )
