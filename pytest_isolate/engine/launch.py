@@ -28,7 +28,7 @@ from typing import Any, Callable, NoReturn, Optional
 from ..linux import libc
 from ..linux.net import loopback_up
 from ..linux.rootfs import RootOptions, build_root
-from ..linux.userns import write_identity_maps
+from ..linux.userns import unshare_with_full_map, write_identity_maps
 from .channel import Channel
 from .spec import SandboxSpec
 
@@ -125,9 +125,12 @@ def _outer(plan: Plan, chan: Channel, target: Callable[[Channel], int], parent: 
     _step(chan, "prctl(PR_SET_PDEATHSIG)", lambda: _die_with_parent(parent))
     os.setpgid(0, 0)  # a terminal's Ctrl-C reaches the supervisor only; it decides
     _step(chan, "join cgroup", lambda: _join_cgroups(plan.cgroup_procs))
-    _step(chan, "unshare", lambda: libc.unshare(_namespace_flags(plan)))
-    if plan.userns:
-        _step(chan, "write uid_map/gid_map", lambda: write_identity_maps(plan.uid, plan.gid))
+    if plan.userns and plan.uid == 0:
+        _step(chan, "unshare", lambda: unshare_with_full_map(_namespace_flags(plan)))
+    else:
+        _step(chan, "unshare", lambda: libc.unshare(_namespace_flags(plan)))
+        if plan.userns:
+            _step(chan, "write uid_map/gid_map", lambda: write_identity_maps(plan.uid, plan.gid))
     me = os.getpid()
     init = os.fork()
     if init == 0:

@@ -1,0 +1,55 @@
+"""Shared fixtures: run pytest in a subprocess with the plugin, skip (or fail) on a missing feature.
+
+The suite never forks, unshares or mounts in its own process: every isolation happens in a
+``pytester.runpytest_subprocess`` child. ``PYTEST_ISOLATE_MUST_WORK=1`` (set by CI) turns a skip for a
+missing kernel feature into a failure, so nothing important is silently skipped on our machines.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from typing import Any, Callable
+
+import pytest
+
+MUST_WORK = os.environ.get("PYTEST_ISOLATE_MUST_WORK") == "1"
+ROOT = os.getuid() == 0
+
+
+@pytest.fixture(scope="session")
+def host_caps() -> dict[str, Any]:
+    """The doctor's JSON for this host, probed in a subprocess."""
+    out = subprocess.run([sys.executable, "-m", "pytest_isolate", "doctor", "--json"], capture_output=True, text=True, check=False)
+    data: dict[str, Any] = json.loads(out.stdout)
+    return data
+
+
+def need(condition: bool, feature: str) -> None:
+    """Skip naming the missing feature, or fail when the must-work switch is on."""
+    if condition:
+        return
+    if MUST_WORK:
+        pytest.fail(f"{feature} is required here (PYTEST_ISOLATE_MUST_WORK=1) but missing")
+    pytest.skip(f"host lacks {feature}")
+
+
+@pytest.fixture
+def isolation_works(host_caps: dict[str, Any]) -> None:
+    missing = [f["name"] for f in host_caps["features"] if f["required"] and not f["ok"]]
+    need(not missing, ", ".join(missing) or "isolation")
+
+
+Runner = Callable[..., pytest.RunResult]
+
+
+@pytest.fixture
+def run(pytester: pytest.Pytester, isolation_works: None) -> Runner:
+    """``runpytest_subprocess`` with warnings as errors and a bound on time."""
+
+    def run(*args: str, timeout: float = 120) -> pytest.RunResult:
+        return pytester.runpytest_subprocess("-W", "error", "-p", "no:cacheprovider", *args, timeout=timeout)
+
+    return run
