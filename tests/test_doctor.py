@@ -1,0 +1,31 @@
+"""``python -m pytest_isolate doctor``: a table with a verdict, JSON for machines, exit status."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+
+def _doctor(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "pytest_isolate", "doctor", *args], capture_output=True, text=True, check=False)
+
+
+def test_doctor_table_and_exit_status() -> None:
+    result = _doctor()
+    assert "pytest-isolate doctor: kernel" in result.stdout
+    for feature in ("user namespace", "mount namespace", "PID namespace", "network namespace", "fresh /proc", "overlay mount"):
+        assert feature in result.stdout
+    full = "verdict: full isolation is available" in result.stdout
+    assert result.returncode == (0 if full else 1)
+    if not full:
+        assert "fix:" in result.stdout
+
+
+def test_doctor_json_matches_the_table() -> None:
+    data = json.loads(_doctor("--json").stdout)
+    assert {"root", "kernel", "features", "full"} <= set(data)
+    for feature in data["features"]:
+        assert {"name", "ok", "detail", "required"} <= set(feature)
+        if not feature["ok"]:
+            assert feature["fix"]

@@ -1,0 +1,88 @@
+"""Nothing leaks: no process, mount or namespace outlives a test, even daemons or a Ctrl-C."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+
+import psutil
+import pytest
+
+from conftest import Runner
+
+
+def _processes_with(token: str) -> list[psutil.Process]:
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        if token in " ".join(proc.info["cmdline"] or []):
+            found.append(proc)
+    return found
+
+
+def _overlay_mounts() -> int:
+    with open("/proc/self/mountinfo") as f:
+        return sum(" - overlay " in line for line in f)
+
+
+def test_daemons_die_with_the_test(pytester: pytest.Pytester, run: Runner) -> None:
+    token = uuid.uuid4().hex
+    pytester.makepyfile(
+        f"""
+        import os, subprocess, sys, pytest
+        KEEP = []
+
+        @pytest.mark.isolated
+        def test_daemonize():
+            # double fork + setsid: the classic escape from a process tree
+            if os.fork() == 0:
+                os.setsid()
+                if os.fork() == 0:
+                    os.execvp(sys.executable, [sys.executable, "-c", "import time; time.sleep(600)", "{token}"])
+                os._exit(0)
+            KEEP.append(subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)", "{token}"], start_new_session=True))
+        """
+    )
+    before = _overlay_mounts()
+    run().assert_outcomes(passed=1)
+    assert _processes_with(token) == []
+    assert _overlay_mounts() == before
+
+
+def test_ctrl_c_mid_test_kills_the_sandbox(pytester: pytest.Pytester, isolation_works: None) -> None:
+    token = uuid.uuid4().hex
+    started = pytester.path / "started"
+    pytester.makepyfile(
+        f"""
+        import subprocess, sys, time, pytest
+        KEEP = []
+
+        @pytest.mark.isolated(writable=[{str(pytester.path)!r}])
+        def test_hangs():
+            KEEP.append(subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)", "{token}"]))
+            open({str(started)!r}, "w").close()
+            time.sleep(600)
+        """
+    )
+    proc = subprocess.Popen([sys.executable, "-m", "pytest", "-p", "no:cacheprovider"], cwd=pytester.path,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 60
+        while not started.exists():
+            assert time.monotonic() < deadline, "the isolated test never started"
+            time.sleep(0.05)
+        assert _processes_with(token), "the sandbox's sleep should be running"
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert b"KeyboardInterrupt" in out, out.decode()
+    assert proc.returncode == pytest.ExitCode.INTERRUPTED
+    time.sleep(0.2)
+    assert _processes_with(token) == []
+
