@@ -7,6 +7,7 @@ namespace. A failed probe keeps its errno and message; the engine's ``explain`` 
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -87,7 +88,12 @@ def _enter(flags: int, userns: bool) -> None:
 
 def _fork_and(func: Callable[[], None]) -> None:
     """Run ``func`` in a grandchild (the first process of a new PID namespace); raise what it raised."""
-    ok, detail, err = _in_child(lambda: (func(), "")[1])
+
+    def run() -> str:
+        func()
+        return ""
+
+    ok, detail, err = _in_child(run)
     if not ok:
         raise OSError(err or 0, detail)
 
@@ -141,23 +147,40 @@ def _namespace_features(userns: bool) -> list[Feature]:
     every = 0
     for _, flag in NAMESPACES:
         every |= flag
-    ok, _, _ = _in_child(lambda: (_enter(every & ~libc.CLONE_NEWUSER, userns), "")[1])
+    ok, _, _ = _in_child(lambda: _unshare_probe(every & ~libc.CLONE_NEWUSER, userns))
     features = []
     for name, flag in NAMESPACES:
         required = flag != libc.CLONE_NEWUSER or userns
         if ok:
             features.append(Feature(name, True, "unshare() works", None, required))
         else:
-            features.append(_named(name, lambda f=flag: (_enter(f & ~libc.CLONE_NEWUSER, userns or f == libc.CLONE_NEWUSER), "unshare() works")[1], required))
+            features.append(_named(name, functools.partial(_unshare_probe, flag & ~libc.CLONE_NEWUSER, userns or flag == libc.CLONE_NEWUSER), required))
     return features
+
+
+def _unshare_probe(flags: int, userns: bool) -> str:
+    _enter(flags, userns)
+    return "unshare() works"
+
+
+def _loopback_probe(userns: bool) -> str:
+    _enter(libc.CLONE_NEWNET, userns)
+    loopback_up()
+    return "lo is up"
+
+
+def _hostname_probe(userns: bool) -> str:
+    _enter(libc.CLONE_NEWUTS, userns)
+    socket.sethostname("probe")
+    return "settable"
 
 
 def probe(lower: str = "/usr") -> Capabilities:
     """Try every feature the sandbox needs, each in its own child process (a few ms in all)."""
     userns = os.getuid() != 0
     features = _namespace_features(userns)
-    features.append(_named("loopback network", lambda: (_enter(libc.CLONE_NEWNET, userns), loopback_up(), "lo is up")[2]))
-    features.append(_named("hostname", lambda: (_enter(libc.CLONE_NEWUTS, userns), socket.sethostname("probe"), "settable")[2]))
+    features.append(_named("loopback network", lambda: _loopback_probe(userns)))
+    features.append(_named("hostname", lambda: _hostname_probe(userns)))
     features.append(_named("fresh /proc", lambda: _proc_probe(userns)))
     features.append(_named("overlay mount", lambda: _overlay_probe(userns, lower)))
     features.append(_named("tmpfs upper layer", lambda: _tmpfs_xattr_probe(userns), required=False))

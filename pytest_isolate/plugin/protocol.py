@@ -44,7 +44,7 @@ def _setup_outer_scopes(item: pytest.Item) -> None:
 def _outer_setup(item: pytest.Item) -> pytest.TestReport:
     if hasattr(item, "_request") and not item._request:
         item._initrequest()  # type: ignore[attr-defined]
-    item.setup = lambda: _setup_outer_scopes(item)  # type: ignore[method-assign]
+    item.setup = lambda: _setup_outer_scopes(item)  # type: ignore[method-assign,unused-ignore]
     try:
         return call_and_report(item, "setup", log=False)
     finally:
@@ -55,9 +55,9 @@ def _outer_teardown(item: pytest.Item, nextitem: Optional[pytest.Item]) -> pytes
     if item.session.shouldfail or item.session.shouldstop:
         nextitem = None
     report = call_and_report(item, "teardown", log=False, nextitem=nextitem)
-    if hasattr(item, "_request"):
-        item._request = False  # type: ignore[attr-defined]
-        item.funcargs = None  # type: ignore[attr-defined]
+    if hasattr(item, "_request"):  # release fixture values, as runtestprotocol does
+        setattr(item, "_request", False)
+        setattr(item, "funcargs", None)
     return report
 
 
@@ -67,7 +67,7 @@ def _forget_outer_state(item: pytest.Item) -> None:
     Finalizers registered from now on (a higher-scoped fixture first requested inside the sandbox)
     run at this sandbox's teardown, as the sandbox tears down the whole stack.
     """
-    stack = item.session._setupstate.stack  # type: ignore[attr-defined]
+    stack = item.session._setupstate.stack  # type: ignore[attr-defined,unused-ignore]
     for node, (_, exc) in list(stack.items()):
         stack[node] = ([], exc)
     stack.pop(item, None)

@@ -1,0 +1,99 @@
+"""Per-test overhead of isolation, side by side with plain pytest and pytest-forked, in one run.
+
+    python benchmarks/overhead.py [--tests 300] [--rounds 5] [--venv DIR]
+
+pytest-forked fails on pytest 9 (every test "EXITED with status 3"), so the script builds its own
+virtualenv (default ``.bench-venv``) with pytest 8.4, pytest-forked and this project, and runs every
+mode with that one interpreter: same pytest, same machine, same minute. Generates a suite of trivial tests, then runs it round-robin (plain, --isolate, --forked, ...) so
+that every mode sees the same machine noise, and reports medians: per-test wall time of each mode,
+the overhead over plain pytest and the ratio to pytest-forked. Also times the bare kernel work,
+``unshare -Urpfn --mount-proc true``, for scale. Needs pytest-forked for the --forked column
+
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+
+def make_suite(directory: str, tests: int) -> None:
+    body = "\n".join(f"def test_{i}():\n    assert {i} >= 0\n" for i in range(tests))
+    with open(os.path.join(directory, "test_generated.py"), "w") as f:
+        f.write(body)
+
+
+PROJECT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MODES = {"plain": ["-p", "no:isolate"], "isolated": ["--isolate"], "forked": ["-p", "no:isolate", "--forked"]}
+
+
+def ensure_venv(venv: str) -> str:
+    """A virtualenv with pytest 8.4 (pytest-forked's last working pytest), pytest-forked and us."""
+    python = os.path.join(venv, "bin", "python")
+    if not os.path.exists(python):
+        subprocess.run([sys.executable, "-m", "venv", venv], check=True)
+        pip = [python, "-m", "pip", "install", "-q"]
+        subprocess.run([*pip, "pytest>=8.4,<9", "pytest-forked", "-e", PROJECT], check=True)
+    return python
+
+
+def run_once(python: str, directory: str, args: list[str]) -> float:
+    cmd = [python, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist", *args]
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=directory, capture_output=True, text=True, check=False)
+    elapsed = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
+    return elapsed
+
+
+def kernel_baseline(rounds: int) -> float:
+    if not shutil.which("unshare"):
+        return float("nan")
+    times = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        subprocess.run(["unshare", "-Urpfn", "--mount-proc", "true"], check=False)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tests", type=int, default=300)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--venv", default=os.path.join(PROJECT, ".bench-venv"))
+    args = parser.parse_args()
+    python = ensure_venv(args.venv)
+    results: dict[str, list[float]] = {name: [] for name in MODES}
+    with tempfile.TemporaryDirectory(prefix="isolate-bench-") as directory:
+        make_suite(directory, args.tests)
+        for _ in range(args.rounds):
+            for name, extra in MODES.items():
+                results[name].append(run_once(python, directory, extra))
+    unshare = kernel_baseline(max(args.rounds * 10, 20))
+    plain = statistics.median(results["plain"])
+    per_test = {name: statistics.median(times) / args.tests for name, times in results.items()}
+    version = subprocess.run([python, "-c", "import sys, pytest; print(sys.version.split()[0], pytest.__version__)"],
+                             capture_output=True, text=True, check=True).stdout.split()
+    print(f"{args.tests} trivial tests, {args.rounds} rounds round-robin, medians; "
+          f"python {version[0]}, pytest {version[1]}, kernel {os.uname().release}, uid {os.getuid()}")
+    print(f"{'mode':<10}{'run (s)':>10}{'per test (ms)':>16}{'overhead/test (ms)':>21}")
+    for name, times in results.items():
+        overhead = (statistics.median(times) - plain) / args.tests * 1000
+        print(f"{name:<10}{statistics.median(times):>10.2f}{per_test[name] * 1000:>16.2f}{overhead:>21.2f}")
+    iso = statistics.median(results["isolated"]) - plain
+    fork = statistics.median(results["forked"]) - plain
+    print(f"isolated overhead / forked overhead = {iso / fork:.2f}")
+    print(f"unshare -Urpfn --mount-proc true (process start included): {unshare * 1000:.2f} ms")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
