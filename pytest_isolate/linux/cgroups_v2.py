@@ -1,0 +1,412 @@
+"""cgroup v2 driver.
+
+Layout under the process's own cgroup ``<own>``::
+
+    <own>/pytest-isolate-supervisor            the processes that were in <own> (pytest, ...)
+    <own>/pytest-isolate-<pid>-<start>/t-<n>   one session per pytest process, one leaf per sandbox
+
+Why the supervisor leaf: cgroup v2's "no internal processes" rule forbids enabling controllers
+in ``<own>/cgroup.subtree_control`` while ``<own>`` itself holds processes (only the root
+cgroup is exempt), and without that no child gets a memory/cpu/pids/io controller.  So when
+enabling fails with EBUSY, every process of ``<own>`` (not only us: xdist workers and the
+pytest main process share it) moves into one shared supervisor leaf first.  A process whose
+cgroup is that supervisor leaf treats its parent as ``<own>``.  The last session to close
+disables the controllers again, moves the processes back and removes the supervisor leaf.
+
+Rootless, ``<own>`` must be delegated (writable ``cgroup.procs`` and ``cgroup.subtree_control``,
+as inside ``systemd-run --user --scope -p Delegate=yes``); otherwise the driver asks the user's
+systemd manager for a delegated scope (:mod:`pytest_isolate.linux.systemd`) and works in it.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+from typing import Callable, Mapping, Optional
+
+from pytest_isolate.linux import cgroups as cg
+from pytest_isolate.linux.cgroups import CgroupError, CgroupFs, Leaf, Limits, Session, Usage
+
+SUPERVISOR = cg.PREFIX + "supervisor"
+USAGE_FILES = ("memory.peak", "memory.current", "memory.events", "cpu.stat", "pids.peak", "io.stat")
+
+FIX_DELEGATE = (
+    "run pytest in a delegated cgroup: systemd-run --user --scope -p Delegate=yes pytest ...; "
+    "if there is no user manager (no login session, e.g. CI): sudo loginctl enable-linger $USER; "
+    "or run as root"
+)
+FIX_CONTROLLER = (
+    "delegate the controller to your user: sudo systemctl edit user@.service, add the lines "
+    "'[Service]' and 'Delegate=cpu cpuset io memory pids', then log in again "
+    "(as root: echo +CONTROLLER | sudo tee <parent>/cgroup.subtree_control)"
+)
+
+
+# ---------------------------------------------------------------- pure parsers
+
+
+def parse_io_stat(text: str) -> tuple[int, int]:
+    """``io.stat`` -> (read bytes, written bytes) summed over every device."""
+    read = written = 0
+    for line in text.splitlines():
+        for item in line.split()[1:]:
+            key, _, value = item.partition("=")
+            if key == "rbytes":
+                read += int(value)
+            elif key == "wbytes":
+                written += int(value)
+    return read, written
+
+
+def usage_from_files(texts: Mapping[str, Optional[str]], sampled_peak: Optional[int] = None) -> Usage:
+    """A :class:`Usage` from the texts of ``USAGE_FILES`` (None for a missing file).
+
+    ``memory.peak`` exists from Linux 5.19; before, ``sampled_peak`` (the largest
+    ``memory.current`` seen) stands in and the field is marked as an estimate.
+    """
+    cpu = cg.parse_keyed(texts.get("cpu.stat") or "")
+    events = cg.parse_keyed(texts.get("memory.events") or "")
+    io_text = texts.get("io.stat")
+    io = parse_io_stat(io_text) if io_text is not None else (None, None)
+    peak = cg.parse_int(texts.get("memory.peak"))
+    estimated = frozenset({"memory_peak"}) if peak is None and sampled_peak is not None else frozenset()
+    return Usage(
+        memory_peak=peak if peak is not None else sampled_peak,
+        cpu_user=_seconds(cpu.get("user_usec"), 1e6),
+        cpu_system=_seconds(cpu.get("system_usec"), 1e6),
+        pids_peak=cg.parse_int(texts.get("pids.peak")),
+        io_read_bytes=io[0],
+        io_write_bytes=io[1],
+        oom_kills=events.get("oom_kill") if texts.get("memory.events") is not None else None,
+        cpu_throttled=_seconds(cpu.get("throttled_usec"), 1e6),
+        estimated=estimated,
+    )
+
+
+def _seconds(value: Optional[int], per_second: float) -> Optional[float]:
+    return None if value is None else value / per_second
+
+
+# ---------------------------------------------------------------- leaf
+
+
+class V2Leaf(Leaf):
+    """One sandbox's cgroup: ``<own>/pytest-isolate-<pid>-<start>/t-<n>``."""
+
+    def __init__(self, fs: CgroupFs, path: str) -> None:
+        self.fs = fs
+        self.path = path
+        self._sampled_peak: Optional[int] = None
+
+    def procs_files(self) -> tuple[str, ...]:
+        return (os.path.join(self.path, "cgroup.procs"),)
+
+    def pids(self) -> list[int]:
+        return cg.pids_in(self.fs, cg.subtree(self.fs, self.path))
+
+    def usage(self) -> Usage:
+        texts = cg.files(self.fs, self.path, USAGE_FILES)
+        if texts.get("memory.peak") is None:
+            self._sample(cg.parse_int(texts.get("memory.current")))
+        return usage_from_files(texts, self._sampled_peak)
+
+    def _sample(self, current: Optional[int]) -> None:
+        """Keep the largest ``memory.current`` seen: the best peak before Linux 5.19."""
+        if current is not None:
+            self._sampled_peak = max(current, self._sampled_peak or 0)
+
+    def kill(self) -> None:
+        """``cgroup.kill`` (Linux 5.14) kills the subtree atomically, forks included;
+        older kernels: freeze, SIGKILL every pid (frozen tasks still die), thaw."""
+        if self.fs.exists(os.path.join(self.path, "cgroup.kill")):
+            self._write_quietly("cgroup.kill", "1")
+        else:
+            self._freeze_and_kill()
+        cg.sigkill_until_empty(self.fs, cg.subtree(self.fs, self.path))
+
+    def _freeze_and_kill(self) -> None:
+        self._write_quietly("cgroup.freeze", "1")
+        try:
+            for pid in self.pids():
+                self.fs.kill(pid, signal.SIGKILL)
+        finally:
+            self._write_quietly("cgroup.freeze", "0")
+
+    def _write_quietly(self, name: str, value: str) -> None:
+        """Write, but a leaf that vanished meanwhile is not an error."""
+        try:
+            self.fs.write(os.path.join(self.path, name), value)
+        except OSError as e:
+            if e.errno not in (errno.ENOENT, errno.ENODEV):
+                raise CgroupError(f"cannot write {value!r} to {self.path}/{name}: {e.strerror}") from e
+
+    def remove(self) -> None:
+        if self.pids():
+            self.kill()
+        cg.rmdir_tree(self.fs, self.path)
+
+
+# ---------------------------------------------------------------- session
+
+
+class V2Session(Session):
+    """``<own>/pytest-isolate-<pid>-<start>`` with every usable controller enabled for leaves."""
+
+    def __init__(self, fs: CgroupFs, own: str) -> None:
+        self.fs = fs
+        self.own = own
+        self.path = _make_session_dir(fs, own)
+        _enable(fs, self.path)
+        self.controllers = _enabled(fs, self.path)
+        self._leaves: list[V2Leaf] = []
+
+    def new_leaf(self, limits: Limits) -> Leaf:
+        limits.check()
+        cg.require_controllers(limits, self.controllers, self.path, FIX_CONTROLLER)
+        path = os.path.join(self.path, f"t-{len(self._leaves) + 1}")
+        self.fs.mkdir(path)
+        leaf = V2Leaf(self.fs, path)
+        try:
+            apply_limits(self.fs, path, limits)
+        except CgroupError:
+            leaf.remove()
+            raise
+        self._leaves.append(leaf)
+        return leaf
+
+    def remove(self) -> None:
+        errors = cg.each(leaf.remove for leaf in self._leaves)
+        errors += cg.each([lambda: destroy(self.fs, self.path), lambda: restore_own(self.fs, self.own)])
+        cg.raise_first(errors)
+
+
+def apply_limits(fs: CgroupFs, path: str, limits: Limits) -> None:
+    """Write ``limits`` into leaf ``path``; swap is off and an OOM kills the whole leaf."""
+    if limits.memory is not None:
+        cg.write_limit(fs, os.path.join(path, "memory.max"), str(limits.memory))
+        if fs.exists(os.path.join(path, "memory.swap.max")):
+            cg.write_limit(fs, os.path.join(path, "memory.swap.max"), "0")
+        cg.write_limit(fs, os.path.join(path, "memory.oom.group"), "1")
+    if limits.cpus is not None:
+        quota = cg.cpu_quota_us(limits.cpus)
+        cg.write_limit(fs, os.path.join(path, "cpu.max"), f"{quota} {cg.CFS_PERIOD_US}")
+    if limits.pids is not None:
+        cg.write_limit(fs, os.path.join(path, "pids.max"), str(limits.pids))
+
+
+def _make_session_dir(fs: CgroupFs, own: str) -> str:
+    """mkdir the session directory; a second session in one process gets a ``.<n>`` suffix."""
+    base = os.path.join(own, cg.session_name(fs, os.getpid()))
+    for n in range(1, 100):
+        path = base if n == 1 else f"{base}.{n}"
+        try:
+            fs.mkdir(path)
+            return path
+        except FileExistsError:
+            continue
+    raise CgroupError(f"cannot create a session cgroup next to {base}: 99 exist")
+
+
+def destroy(fs: CgroupFs, path: str) -> None:
+    """Kill everything in the subtree at ``path`` and remove it."""
+    dirs = cg.subtree(fs, path)
+    if cg.pids_in(fs, dirs):
+        if fs.exists(os.path.join(path, "cgroup.kill")):
+            fs.write(os.path.join(path, "cgroup.kill"), "1")
+        cg.sigkill_until_empty(fs, dirs)
+    cg.rmdir_tree(fs, path)
+
+
+def empty_scope(fs: CgroupFs, scope: str) -> None:
+    """Kill what a dead session left in its systemd scope and remove our directories in it;
+    the scope itself is systemd's, which collects it once it is empty."""
+    for name in fs.listdir(scope):
+        if fs.isdir(os.path.join(scope, name)):
+            destroy(fs, os.path.join(scope, name))
+    cg.sigkill_until_empty(fs, [scope])
+
+
+# ---------------------------------------------------------------- controllers
+
+
+def _enabled(fs: CgroupFs, path: str) -> frozenset[str]:
+    """Our controllers enabled for the children of ``path``."""
+    return frozenset((cg.read_optional(fs, os.path.join(path, "cgroup.subtree_control")) or "").split()) & cg.CONTROLLERS
+
+
+def _wanted(fs: CgroupFs, path: str) -> list[str]:
+    """Our controllers that ``path`` has but does not yet enable for its children."""
+    have = (cg.read_optional(fs, os.path.join(path, "cgroup.controllers")) or "").split()
+    return sorted(cg.CONTROLLERS.intersection(have) - _enabled(fs, path))
+
+
+def _enable(fs: CgroupFs, path: str) -> None:
+    """Enable each wanted controller on its own, so one refusal (say ``cpu`` while a
+    realtime process exists) costs only that controller.  EBUSY (processes in ``path``)
+    propagates: the caller must move them out first."""
+    for controller in _wanted(fs, path):
+        try:
+            fs.write(os.path.join(path, "cgroup.subtree_control"), f"+{controller}")
+        except OSError as e:
+            if e.errno == errno.EBUSY:
+                raise
+
+
+def enable_in_own(fs: CgroupFs, own: str, attempts: int = 5) -> None:
+    """Enable the controllers in ``<own>``, moving its processes to the supervisor leaf
+    when the kernel refuses because of them (new ones may appear meanwhile: retry)."""
+    for _ in range(attempts):
+        try:
+            _enable(fs, own)
+            return
+        except OSError as e:
+            last = e
+        evacuate(fs, own)
+    raise CgroupError(
+        f"cannot enable controllers in {own}/cgroup.subtree_control: {last.strerror} "
+        f"(processes keep appearing in {own}). Fix: {FIX_DELEGATE}"
+    )
+
+
+def evacuate(fs: CgroupFs, own: str) -> None:
+    """Move every process of ``<own>`` into ``<own>/pytest-isolate-supervisor``."""
+    supervisor = os.path.join(own, SUPERVISOR)
+    if not fs.isdir(supervisor):
+        try:
+            fs.mkdir(supervisor)
+        except FileExistsError:
+            pass
+    for pid in cg.pids_in(fs, [own]):
+        _move(fs, pid, supervisor)
+
+
+def _move(fs: CgroupFs, pid: int, target: str) -> None:
+    """Move ``pid`` into cgroup ``target``; a process that exited meanwhile is fine."""
+    try:
+        fs.write(os.path.join(target, "cgroup.procs"), str(pid))
+    except OSError as e:
+        if e.errno not in (errno.ESRCH, errno.ENOENT):
+            raise CgroupError(
+                f"cannot move process {pid} into {target}: {e.strerror} (errno {e.errno}); it shares "
+                f"pytest's cgroup, which must be emptied to enable controllers. Fix: {FIX_DELEGATE}"
+            ) from e
+
+
+def restore_own(fs: CgroupFs, own: str) -> None:
+    """Undo :func:`evacuate` once no live session is left: disable the controllers, move
+    the processes back, remove the supervisor leaf.  If a supervisor leaf exists, ``<own>``
+    held processes before, hence had none of our controllers enabled: disabling them
+    restores it.  Best effort: another session opening right now keeps things as they are."""
+    supervisor = os.path.join(own, SUPERVISOR)
+    if not fs.isdir(supervisor) or cg.live_sessions(fs, own):
+        return
+    try:
+        for controller in sorted(_enabled(fs, own)):
+            fs.write(os.path.join(own, "cgroup.subtree_control"), f"-{controller}")
+        for pid in cg.pids_in(fs, [supervisor]):
+            _move(fs, pid, own)
+    except (OSError, CgroupError):
+        return
+    cg.rmdir_retry(fs, supervisor)
+
+
+# ---------------------------------------------------------------- driver
+
+
+class V2Driver(cg.Driver):
+    """cgroup v2: works in the process's own cgroup, delegated to us or obtained from systemd."""
+
+    name = "v2"
+
+    def __init__(
+        self,
+        root: str,
+        proc_self_cgroup: str,
+        fs: CgroupFs,
+        scope_starter: Optional[Callable[[str], object]] = None,
+    ) -> None:
+        self.root = root
+        self.proc_self_cgroup = proc_self_cgroup
+        self.fs = fs
+        self.scope_starter = scope_starter if scope_starter is not None else _start_scope
+        self.euid = os.geteuid()
+        self._problem: Optional[str] = None
+        self._checked = False
+
+    def own_cgroup(self) -> str:
+        """Our cgroup's directory; our supervisor leaf counts as its parent."""
+        relative = cg.parse_proc_cgroup(self.fs.read(self.proc_self_cgroup)).get("")
+        if relative is None or relative.startswith("/.."):
+            raise CgroupError(
+                f"this process's cgroup v2 path is {relative!r} in {self.proc_self_cgroup}: it is not "
+                f"inside the cgroup filesystem at {self.root} (a container without its own cgroup "
+                f"namespace?). Fix: run the container with --cgroupns=private"
+            )
+        path = os.path.join(self.root, relative.lstrip("/")).rstrip("/")
+        return os.path.dirname(path) if os.path.basename(path) == SUPERVISOR else path
+
+    def delegated(self, path: str) -> bool:
+        """Can we create children in ``path``, move processes in it and enable controllers?"""
+        names = ("", "cgroup.procs", "cgroup.subtree_control")
+        return all(self.fs.writable(os.path.join(path, n)) for n in names)
+
+    def available(self) -> tuple[bool, str]:
+        """Probe once; may move this process into a new systemd scope (see :meth:`_ensure`)."""
+        problem = self._ensure()
+        return problem is None, problem or f"cgroup v2 at {self.own_cgroup()} (delegated to uid {self.euid})"
+
+    def _ensure(self) -> Optional[str]:
+        """None once our own cgroup is usable, else why not; the outcome is cached because
+        getting there may have moved this process into a transient systemd scope."""
+        if not self._checked:
+            self._problem = self._find_problem()
+            self._checked = True
+        return self._problem
+
+    def _find_problem(self) -> Optional[str]:
+        own = self.own_cgroup()
+        if self.delegated(own):
+            return None
+        if self.fs.read_only(self.root):
+            return f"the cgroup filesystem at {self.root} is mounted read-only (a container?). {FIX_RO}"
+        if self.euid == 0:
+            return f"{own} is not writable although we are root. {FIX_RO}"
+        return self._try_scope(own)
+
+    def _try_scope(self, own: str) -> Optional[str]:
+        """Rootless and not delegated: ask the user's systemd manager for a delegated scope."""
+        try:
+            self.scope_starter(self.proc_self_cgroup)
+        except CgroupError as e:
+            return f"cgroup v2: {own} is not delegated to uid {self.euid}, and {e}. Fix: {FIX_DELEGATE}"
+        if self.delegated(self.own_cgroup()):
+            return None
+        return f"cgroup v2: the systemd scope {self.own_cgroup()} is not writable by uid {self.euid}. Fix: {FIX_DELEGATE}"
+
+    def open_session(self) -> V2Session:
+        """Remove stale sessions, enable controllers in ``<own>``, create our session."""
+        problem = self._ensure()
+        if problem is not None:
+            raise CgroupError(problem)
+        own = self.own_cgroup()
+        for stale in cg.stale_sessions(self.fs, own):
+            destroy(self.fs, stale)
+        if own.endswith(".scope") and cg.parse_session_name(os.path.basename(own)):
+            for scope in cg.stale_sessions(self.fs, os.path.dirname(own)):
+                empty_scope(self.fs, scope)
+        enable_in_own(self.fs, own)
+        return V2Session(self.fs, own)
+
+
+FIX_RO = (
+    "give the container its own writable cgroup tree: docker run --cgroupns=private --privileged, "
+    "or podman run --security-opt unmask=/sys/fs/cgroup"
+)
+
+
+def _start_scope(proc_self_cgroup: str) -> object:
+    from pytest_isolate.linux import systemd
+
+    return systemd.start_delegated_scope(proc_self_cgroup)
+
