@@ -127,6 +127,10 @@ def launchers() -> list[str]:
 def launcher(request: pytest.FixtureRequest, host: dict[str, Any]) -> str:
     """Skip the launchers that do not apply to this host (see the module docstring)."""
     need(host["name"] != "none", "a cgroup filesystem at /sys/fs/cgroup")
+    if host["name"] == "v1" and os.geteuid() != 0:
+        # Not a missing feature but the design's cell "cgroup v1, rootless": never delegated, so the
+        # expected behaviour is the clean refusal that test_unavailable_refuses_cleanly checks.
+        pytest.skip("cgroup v1 is never delegated to unprivileged users; the refusal is tested instead")
     need(host["ok"], f"usable cgroups ({host['reason']})")
     kind: str = request.param
     if kind == "scope":
