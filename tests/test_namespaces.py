@@ -10,18 +10,39 @@ from conftest import Runner
 def test_pid_hostname_network_ipc(pytester: pytest.Pytester, run: Runner) -> None:
     pytester.makepyfile(
         """
-        import os, socket, subprocess, sys, pytest
+        import os, socket, subprocess, sys, time, pytest
+
+        def ppid(pid):
+            with open(f"/proc/{pid}/stat") as f:
+                return int(f.read().rsplit(")", 1)[1].split()[1])
 
         @pytest.mark.isolated
         def test_pid_namespace():
             assert os.getpid() == 2
-            assert os.getppid() == 1
+            assert os.getppid() == 0  # our parent is the supervisor, outside the namespace
             with open("/proc/1/cmdline", "rb") as f:
-                assert b"python" in f.read()
+                assert b"pytest_isolate" in f.read()  # PID 1 is the sandbox's init
             child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
             visible = sorted(int(p) for p in os.listdir("/proc") if p.isdigit())
             assert visible == [1, 2, child.pid], visible
             child.kill(); child.wait()
+
+        @pytest.mark.isolated
+        def test_init_adopts_and_reaps_orphans():
+            read, write = os.pipe()
+            middle = os.fork()
+            if middle == 0:
+                orphan = os.fork()
+                if orphan == 0:
+                    os.close(read); os.close(write)
+                    os._exit(0)            # exits once adopted: only a reaping PID 1 removes it
+                os.write(write, str(orphan).encode()); os._exit(0)
+            os.close(write)
+            orphan = int(os.read(read, 20)); os.waitpid(middle, 0)
+            deadline = time.monotonic() + 10
+            while os.path.exists(f"/proc/{orphan}") and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert not os.path.exists(f"/proc/{orphan}"), "PID 1 did not reap the orphan"
 
         @pytest.mark.isolated
         def test_default_hostname():
@@ -57,7 +78,7 @@ def test_pid_hostname_network_ipc(pytester: pytest.Pytester, run: Runner) -> Non
         """
     )
     result = run("-v")
-    result.assert_outcomes(passed=7)
+    result.assert_outcomes(passed=8)
 
 
 def test_header_names_isolation_in_effect(pytester: pytest.Pytester, run: Runner) -> None:

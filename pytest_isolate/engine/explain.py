@@ -10,7 +10,7 @@ import errno
 import os
 from typing import Optional
 
-from .launch import SetupFailure
+from .factory import SetupFailure
 
 
 def _read(path: str) -> Optional[str]:

@@ -1,15 +1,16 @@
-"""Start a sandbox by forking, supervise it, and collect how it ended.
+"""Start a payload in a prepared sandbox, supervise it, and collect how it ended.
 
-Three processes, each with one job (see docs/explanation/how-it-works):
+The factory (``factory.py``) has already built the sandbox: namespaces, root, init as PID 1. Here
+the supervisor forks once and the child joins the sandbox with ``setns``:
 
-* the **outer** child (forked from the supervisor): unshares the namespaces — after fork, because
-  ``unshare(CLONE_NEWUSER)`` fails in a multi-threaded process — writes the id maps, forks the init
-  and relays a SIGTERM from the supervisor as SIGKILL to it;
-* the **init**, PID 1 of the new PID namespace: builds the root (a fresh ``/proc`` must be mounted
-  from inside the namespace), sets the hostname, brings ``lo`` up, forks the payload, reaps every
-  orphan, forwards SIGTERM/SIGINT/SIGHUP, and exits the moment the payload exits — which makes the
-  kernel kill everything left in the namespace;
-* the **payload**, PID 2: runs the target callable.
+* root: the supervisor points its own ``pid_for_children`` at the sandbox's PID namespace around
+  the fork, so the forked child *is* PID 2; the child joins the other namespaces itself;
+* rootless: ``setns`` into a PID namespace needs CAP_SYS_ADMIN where we have none, so a relay child
+  joins the user namespace (where it has every capability) and the rest, then forks PID 2 and
+  reports its exit status.
+
+When the payload exits, or the deadline passes, or pytest is interrupted, the supervisor kills the
+init: the kernel then kills everything left in the PID namespace.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ import os
 import resource
 import select
 import signal
-import socket
 import sys
 import time
 import traceback
@@ -26,28 +26,20 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, NoReturn, Optional
 
 from ..linux import libc
-from ..linux.net import loopback_up
-from ..linux.rootfs import RootOptions, build_root
-from ..linux.userns import unshare_with_full_map, write_identity_maps
+from ..linux.rootfs import RootOptions
 from .channel import Channel
+from .factory import Blueprint, Factory, Prepared, SetupFailure
 from .spec import SandboxSpec
 
-SETUP_FAILED = 125
-FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
-KILL_GRACE = 5.0
+__all__ = ["Launcher", "Outcome", "Plan", "SetupFailure"]
 
-
-class SetupFailure(Exception):
-    """A step of building the sandbox failed; ``step`` names it, the message has the errno."""
-
-    def __init__(self, step: str, errno: Optional[int], message: str) -> None:
-        super().__init__(f"{step}: {message}")
-        self.step, self.errno, self.message = step, errno, message
+JOIN_ORDER = (("mnt", libc.CLONE_NEWNS), ("net", libc.CLONE_NEWNET), ("uts", libc.CLONE_NEWUTS),
+              ("ipc", libc.CLONE_NEWIPC), ("cgroup", libc.CLONE_NEWCGROUP))
 
 
 @dataclass(frozen=True)
 class Plan:
-    """Everything the child needs to build one sandbox, decided in the supervisor before fork."""
+    """Everything one sandbox needs, decided in the supervisor."""
 
     spec: SandboxSpec
     root: RootOptions
@@ -55,7 +47,10 @@ class Plan:
     uid: int
     gid: int
     cwd: str
-    cgroup_procs: tuple[str, ...] = ()  # cgroup.procs files the outer child joins before unsharing
+    cgroup_procs: tuple[str, ...] = ()  # cgroup.procs files the payload joins before it runs
+
+    def blueprint(self) -> Blueprint:
+        return Blueprint(self.userns, self.uid, self.gid, self.spec.hostname, self.spec.net, self.root)
 
 
 @dataclass
@@ -79,31 +74,25 @@ class Outcome:
         return os.WTERMSIG(self.status) if self.status is not None and os.WIFSIGNALED(self.status) else None
 
 
-def _step(chan: Channel, name: str, func: Callable[[], Any]) -> Any:
+def _open_namespaces(init: int) -> dict[str, int]:
+    names = ("user", "pid") + tuple(name for name, _ in JOIN_ORDER)
+    return {name: os.open(f"/proc/{init}/ns/{name}", os.O_RDONLY | os.O_CLOEXEC) for name in names}
+
+
+def _join(fds: dict[str, int], plan: Plan) -> None:
+    for name, flag in JOIN_ORDER:
+        if name == "net" and plan.spec.net != "none":
+            continue
+        libc.setns(fds[name], flag)
     try:
-        return func()
-    except OSError as exc:
-        chan.send("setup-error", step=name, errno=exc.errno, message=str(exc))
-        os._exit(SETUP_FAILED)
-    except BaseException as exc:
-        chan.send("setup-error", step=name, errno=None, message=f"{type(exc).__name__}: {exc}")
-        os._exit(SETUP_FAILED)
+        os.chdir(plan.cwd)
+    except OSError:
+        os.chdir("/")
 
 
-def _alive(pid: int) -> bool:
-    # /proc is still the host's here (the sandbox's own is mounted later), and a parent in another
-    # PID namespace shows as getppid() == 0, so ask /proc whether the parent is a zombie.
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except (OSError, IndexError):
-        return False
-
-
-def _die_with_parent(parent: int) -> None:
-    libc.prctl(libc.PR_SET_PDEATHSIG, signal.SIGKILL)
-    if not _alive(parent):  # the parent died before prctl took effect
-        os._exit(SETUP_FAILED)
+def _fail_early(chan: Channel, step: str, exc: BaseException) -> NoReturn:
+    chan.send("setup-error", step=step, errno=getattr(exc, "errno", None), message=str(exc))
+    os._exit(125)
 
 
 def _join_cgroups(files: tuple[str, ...]) -> None:
@@ -112,65 +101,19 @@ def _join_cgroups(files: tuple[str, ...]) -> None:
             f.write("0\n")  # "0" means the writing process
 
 
-def _namespace_flags(plan: Plan) -> int:
-    flags = libc.CLONE_NEWNS | libc.CLONE_NEWUTS | libc.CLONE_NEWIPC | libc.CLONE_NEWPID | libc.CLONE_NEWCGROUP
-    if plan.spec.net == "none":
-        flags |= libc.CLONE_NEWNET
-    if plan.userns:
-        flags |= libc.CLONE_NEWUSER
-    return flags
-
-
-def _outer(plan: Plan, chan: Channel, target: Callable[[Channel], int], parent: int) -> NoReturn:
-    _step(chan, "prctl(PR_SET_PDEATHSIG)", lambda: _die_with_parent(parent))
-    os.setpgid(0, 0)  # a terminal's Ctrl-C reaches the supervisor only; it decides
-    _step(chan, "join cgroup", lambda: _join_cgroups(plan.cgroup_procs))
-    if plan.userns and plan.uid == 0:
-        _step(chan, "unshare", lambda: unshare_with_full_map(_namespace_flags(plan)))
-    else:
-        _step(chan, "unshare", lambda: libc.unshare(_namespace_flags(plan)))
-        if plan.userns:
-            _step(chan, "write uid_map/gid_map", lambda: write_identity_maps(plan.uid, plan.gid))
-    me = os.getpid()
-    init = os.fork()
-    if init == 0:
-        _init(plan, chan, target, me)
-    signal.signal(signal.SIGTERM, lambda *_: os.kill(init, signal.SIGKILL))
-    _, status = os.waitpid(init, 0)
-    os._exit(os.WEXITSTATUS(status) if os.WIFEXITED(status) else 128 + os.WTERMSIG(status))
-
-
-def _init(plan: Plan, chan: Channel, target: Callable[[Channel], int], parent: int) -> NoReturn:
-    _step(chan, "prctl(PR_SET_PDEATHSIG)", lambda: _die_with_parent(parent))
-    _step(chan, "build root", lambda: build_root(plan.root))
-    _step(chan, "chdir", lambda: _chdir(plan.cwd))
-    _step(chan, "sethostname", lambda: socket.sethostname(plan.spec.hostname))
-    if plan.spec.net == "none":
-        _step(chan, "bring up lo", loopback_up)
-    previous = {sig: signal.getsignal(sig) for sig in FORWARDED}
-    payload = os.fork()
-    if payload == 0:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-        _payload(chan, target)
-    for sig in FORWARDED:
-        signal.signal(sig, lambda signum, _frame: os.kill(payload, signum))
-    while True:
-        pid, status = os.waitpid(-1, 0)
-        if pid == payload:
-            chan.send("exit", status=status)
-            os._exit(os.WEXITSTATUS(status) if os.WIFEXITED(status) else 128 + os.WTERMSIG(status))
-
-
-def _chdir(cwd: str) -> None:
-    try:
-        os.chdir(cwd)
-    except OSError:
-        os.chdir("/")
-
-
-def _payload(chan: Channel, target: Callable[[Channel], int]) -> NoReturn:
+def _payload(plan: Plan, chan: Channel, target: Callable[[Channel], int], fds: Optional[dict[str, int]]) -> NoReturn:
+    """PID 2: die with the supervisor, join what is left to join, run ``target``, exit with its code."""
     code = 1
+    try:
+        libc.prctl(libc.PR_SET_PDEATHSIG, signal.SIGKILL)
+        os.setpgid(0, 0)  # a terminal's Ctrl-C reaches the supervisor only; it decides
+        if fds is not None:  # root: join the cgroup from the host's view, then the namespaces
+            _join_cgroups(plan.cgroup_procs)
+            _join(fds, plan)
+            for fd in fds.values():
+                os.close(fd)
+    except BaseException as exc:
+        _fail_early(chan, "setns", exc)
     try:
         code = target(chan)
     except SystemExit as exc:
@@ -186,72 +129,147 @@ def _payload(chan: Channel, target: Callable[[Channel], int]) -> NoReturn:
     os._exit(code)
 
 
+def _relay(plan: Plan, chan: Channel, target: Callable[[Channel], int], fds: dict[str, int]) -> NoReturn:
+    """Rootless: join the user namespace first (gaining its capabilities), then the rest, then fork PID 2."""
+    try:
+        libc.prctl(libc.PR_SET_PDEATHSIG, signal.SIGKILL)
+        _join_cgroups(plan.cgroup_procs)  # before the user namespace, where cgroupfs is ours
+        libc.setns(fds["user"], libc.CLONE_NEWUSER)
+        _join(fds, plan)
+        libc.setns(fds["pid"], libc.CLONE_NEWPID)
+        for fd in fds.values():
+            os.close(fd)
+    except BaseException as exc:
+        _fail_early(chan, "setns", exc)
+    pid = os.fork()
+    if pid == 0:
+        _payload(plan, chan, target, None)
+    _, status = os.waitpid(pid, 0)
+    chan.send("exit", status=status)
+    os._exit(0)
+
+
 def _wait(pid: int, deadline: Optional[float]) -> bool:
     """Block until ``pid`` exits or ``deadline`` (monotonic) passes; True if it exited."""
     if deadline is None:
         return True
+    fd = os.pidfd_open(pid)  # Linux >= 5.3
     try:
-        fd = os.pidfd_open(pid)  # type: ignore[attr-defined,unused-ignore]
-    except (AttributeError, OSError):
-        fd = -1
-    try:
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return False
-            if fd >= 0:
-                if select.select([fd], [], [], left)[0]:
-                    return True
-            else:
-                if os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None:
-                    return True
-                time.sleep(min(left, 0.01))
+        left = deadline - time.monotonic()
+        return left > 0 and bool(select.select([fd], [], [], left)[0])
     finally:
-        if fd >= 0:
-            os.close(fd)
+        os.close(fd)
 
 
-def stop(pid: int) -> None:
-    """Ask the outer child to SIGKILL the init (and so the whole PID namespace); SIGKILL it if it hangs."""
+def _kill(pid: int) -> None:
     try:
-        os.kill(pid, signal.SIGTERM)
-        if not _wait(pid, time.monotonic() + KILL_GRACE):
-            os.kill(pid, signal.SIGKILL)
+        os.kill(pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
 
 
-def launch(plan: Plan, target: Callable[[Channel], int], *, kill: Optional[Callable[[], None]] = None) -> Outcome:
-    """Run ``target`` as PID 2 of a new sandbox and wait for it (with ``plan.spec.timeout``)."""
-    chan = Channel()
-    outcome = Outcome()
-    parent = os.getpid()
-    start = time.monotonic()
-    pid = os.fork()
-    if pid == 0:
+class Launcher:
+    """Runs payloads in sandboxes from one factory, ordering the next sandbox ahead of time."""
+
+    def __init__(self) -> None:
+        self.factory: Optional[Factory] = None
+        self.pending: Optional[tuple[str, int]] = None  # (blueprint json, ticket)
+        self.own_pid_ns = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
+
+    def _factory(self) -> Factory:
+        if self.factory is None:
+            self.factory = Factory()
+        return self.factory
+
+    def prepare(self, plan: Plan) -> None:
+        """Have the sandbox for ``plan`` built while something else runs (e.g. the current test)."""
+        key = plan.blueprint().to_json()
+        if self.pending is not None and self.pending[0] == key:
+            return
+        self.drop_pending()
+        self.pending = (key, self._factory().order(plan.blueprint()))
+
+    def drop_pending(self) -> None:
+        if self.pending is not None:
+            self._factory().discard(self.pending[1])
+            self.pending = None
+
+    def _take(self, plan: Plan) -> Prepared:
+        key = plan.blueprint().to_json()
+        if self.pending is None or self.pending[0] != key:
+            self.prepare(plan)
+        assert self.pending is not None
+        ticket = self.pending[1]
+        self.pending = None
+        return self._factory().collect(ticket)
+
+    def _fork(self, plan: Plan, chan: Channel, target: Callable[[Channel], int], fds: dict[str, int]) -> int:
+        # The children never return from _relay/_payload (os._exit), so nothing after fork() — in
+        # particular the finally below — ever runs in a child.
+        if plan.userns:
+            pid = os.fork()
+            if pid == 0:
+                _relay(plan, chan, target, fds)
+            return pid
+        libc.setns(fds["pid"], libc.CLONE_NEWPID)  # our children are born in the sandbox: PID 2
         try:
-            _outer(plan, chan, target, parent)
+            pid = os.fork()
+            if pid == 0:
+                _payload(plan, chan, target, fds)
         finally:
-            os._exit(SETUP_FAILED)
-    try:
-        timeout = plan.spec.timeout
-        if not _wait(pid, None if timeout is None else start + timeout):
-            outcome.timed_out = True
-            (kill or (lambda: stop(pid)))()
-            stop(pid)
-        _, status, outcome.rusage = os.wait4(pid, 0)
-    except BaseException:
-        outcome.interrupted = True
-        stop(pid)
-        os.waitpid(pid, 0)
-        raise
-    finally:
-        outcome.wall = time.monotonic() - start
-        outcome.records = list(chan.records())
-        chan.close()
-    for record in outcome.records:
-        if record["kind"] == "exit":
-            outcome.status = record["status"]
-        elif record["kind"] == "setup-error" and outcome.setup_error is None:
-            outcome.setup_error = SetupFailure(record["step"], record.get("errno"), record["message"])
-    return outcome
+            libc.setns(self.own_pid_ns, libc.CLONE_NEWPID)
+        return pid
+
+    def launch(self, plan: Plan, target: Callable[[Channel], int], after_start: Optional[Callable[[], None]] = None) -> Outcome:
+        """Run ``target`` as PID 2 of a sandbox for ``plan``; wait (with ``plan.spec.timeout``)."""
+        outcome = Outcome()
+        start = time.monotonic()
+        try:
+            sandbox = self._take(plan)
+        except SetupFailure as exc:
+            outcome.setup_error = exc
+            return outcome
+        chan = Channel()
+        fds = _open_namespaces(sandbox.init)
+        try:
+            pid = self._fork(plan, chan, target, fds)
+        finally:
+            for fd in fds.values():
+                os.close(fd)
+        try:
+            if after_start is not None:
+                after_start()
+            timeout = plan.spec.timeout
+            if not _wait(pid, None if timeout is None else start + timeout):
+                outcome.timed_out = True
+                _kill(sandbox.init)
+            _, status, outcome.rusage = os.wait4(pid, 0)
+            if not plan.userns:
+                outcome.status = status
+        except BaseException:
+            outcome.interrupted = True
+            _kill(sandbox.init)
+            _kill(pid)
+            os.waitpid(pid, 0)
+            raise
+        finally:
+            _kill(sandbox.init)
+            self._factory().discard(sandbox.ident)
+            outcome.wall = time.monotonic() - start
+            outcome.records = list(chan.records())
+            chan.close()
+        for record in outcome.records:
+            if record["kind"] == "exit":
+                outcome.status = record["status"]
+            elif record["kind"] == "setup-error" and outcome.setup_error is None:
+                outcome.setup_error = SetupFailure(record["step"], record.get("errno"), record["message"])
+        if outcome.setup_error is not None and not any(r["kind"] == "report" for r in outcome.records):
+            outcome.status = None
+        return outcome
+
+    def close(self) -> None:
+        self.drop_pending()
+        if self.factory is not None:
+            self.factory.close()
+            self.factory = None
+        os.close(self.own_pid_ns)

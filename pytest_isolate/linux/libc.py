@@ -64,6 +64,7 @@ _c_str = ctypes.c_char_p
 _mount = _declare("mount", [_c_str, _c_str, _c_str, ctypes.c_ulong, _c_str])
 _umount2 = _declare("umount2", [_c_str, ctypes.c_int])
 _unshare = _declare("unshare", [ctypes.c_int])
+_setns = _declare("setns", [ctypes.c_int, ctypes.c_int])
 _prctl = _declare("prctl", [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong])
 _syscall = _libc.syscall
 _syscall.restype = ctypes.c_long
@@ -87,6 +88,11 @@ def umount2(target: str, flags: int = 0) -> None:
 def unshare(flags: int) -> None:
     """unshare(2): ``os.unshare`` exists only from Python 3.12."""
     _unshare(flags)
+
+
+def setns(fd: int, nstype: int) -> None:
+    """setns(2): ``os.setns`` exists only from Python 3.12."""
+    _setns(fd, nstype)
 
 
 def prctl(option: int, arg2: int = 0) -> None:

@@ -10,8 +10,8 @@ import pytest
 
 from ..engine.channel import Channel
 from ..engine.explain import explain
-from ..engine.host import Host, current_host, disk_upper_dirs, remove_tree
-from ..engine.launch import Outcome, launch
+from ..engine.host import current_host, disk_upper_dirs
+from ..engine.launch import Launcher, Outcome, Plan
 from ..engine.spec import SandboxSpec, SpecError
 from ..linux.probe import Capabilities, probe
 from . import protocol
@@ -63,19 +63,46 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             raise pytest.UsageError(str(exc)) from None
 
 
-def _starter(item: pytest.Item, spec: SandboxSpec, host: Host) -> Callable[[Callable[[Channel], int]], Outcome]:
-    basetemp = str(item.config._tmp_path_factory.getbasetemp())  # type: ignore[attr-defined]
+LAUNCHER_KEY = pytest.StashKey[Launcher]()
+PLAN_KEY = pytest.StashKey[Plan]()
+
+
+def _launcher(config: pytest.Config) -> Launcher:
+    if LAUNCHER_KEY not in config.stash:
+        config.stash[LAUNCHER_KEY] = Launcher()
+    return config.stash[LAUNCHER_KEY]
+
+
+def _plan(item: pytest.Item, spec: SandboxSpec) -> Plan:
+    """The item's plan, made once: the next item's is made early, to build its sandbox ahead."""
+    if PLAN_KEY not in item.stash:
+        host = current_host()
+        basetemp = str(item.config._tmp_path_factory.getbasetemp())  # type: ignore[attr-defined]
+        bases = disk_upper_dirs() if host.needs_disk_upper(spec) else ()
+        item.stash[PLAN_KEY] = host.plan(spec, cwd=os.getcwd(), writable=(basetemp,), upper_bases=bases)
+    return item.stash[PLAN_KEY]
+
+
+def _starter(item: pytest.Item, nextitem: Optional[pytest.Item]) -> Callable[[Callable[[Channel], int]], Outcome]:
+    launcher = _launcher(item.config)
+    plan = _plan(item, item.stash[SPEC_KEY])  # type: ignore[arg-type]
+    upcoming = nextitem.stash.get(SPEC_KEY, None) if nextitem is not None else None
+
+    def order_next() -> None:
+        if nextitem is not None and upcoming is not None:
+            launcher.prepare(_plan(nextitem, upcoming))
 
     def start(target: Callable[[Channel], int]) -> Outcome:
-        bases = disk_upper_dirs() if host.needs_disk_upper(spec) else ()
-        try:
-            plan = host.plan(spec, cwd=os.getcwd(), writable=(basetemp,), upper_bases=bases)
-            return launch(plan, target)
-        finally:
-            for base in bases:
-                remove_tree(base)
+        return launcher.launch(plan, target, after_start=order_next)
 
     return start
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    launcher = config.stash.get(LAUNCHER_KEY, None)
+    if launcher is not None:
+        launcher.close()
+        del config.stash[LAUNCHER_KEY]
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -84,7 +111,7 @@ def pytest_runtest_protocol(item: pytest.Item, nextitem: Optional[pytest.Item]) 
     if spec is None or protocol.IN_SANDBOX:
         return None
     item.ihook.pytest_runtest_logstart(nodeid=item.nodeid, location=item.location)
-    protocol.run_item(item, nextitem, _starter(item, spec, current_host()), explain)
+    protocol.run_item(item, nextitem, _starter(item, nextitem), explain)
     item.ihook.pytest_runtest_logfinish(nodeid=item.nodeid, location=item.location)
     return True
 

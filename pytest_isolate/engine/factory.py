@@ -1,0 +1,287 @@
+"""Build sandboxes ahead of time in a small helper process, so a test pays for one fork only.
+
+Forking costs in proportion to the forking process's memory (on our VMs ~0.1 ms per MB), and the
+pytest process is the biggest one around. So the namespaces, the copy-on-write root and the init
+(PID 1) of the *next* sandbox are made by the factory — an exec'd, small Python process — while the
+current test runs; the test's process then only forks and joins them with ``setns``.
+
+Per sandbox the factory forks a **holder**, which unshares every namespace (and writes the id
+maps), and the holder forks the **init**, PID 1 of the new PID namespace, which builds the root,
+sets the hostname, brings ``lo`` up, reports ready, then reaps orphans and forwards SIGTERM/SIGINT/
+SIGHUP to PID 2 until it is killed. Killing the init ends the PID namespace and every process in
+it; the holder then exits and the factory reaps it and removes on-disk upper layers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from dataclasses import asdict, dataclass
+from typing import IO, Any, NoReturn, Optional
+
+from ..linux import libc
+from ..linux.mounts import Step
+from ..linux.net import loopback_up
+from ..linux.rootfs import RootOptions, build_root
+from ..linux.userns import unshare_with_full_map, write_identity_maps
+
+FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
+@dataclass(frozen=True)
+class Blueprint:
+    """What the factory needs to build one sandbox; equal blueprints make interchangeable sandboxes."""
+
+    userns: bool
+    uid: int
+    gid: int
+    hostname: str
+    net: str
+    root: RootOptions
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "Blueprint":
+        data = json.loads(text)
+        root = data.pop("root")
+        root["steps"] = tuple(Step(**s) for s in root["steps"])
+        for key in ("writable", "upper_bases"):
+            root[key] = tuple(root[key])
+        return cls(root=RootOptions(**root), **data)
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A built sandbox waiting for its payload: host PIDs of its holder and init."""
+
+    ident: int
+    holder: int
+    init: int
+
+
+class SetupFailure(Exception):
+    """A step of building the sandbox failed; ``step`` names it, the message has the errno."""
+
+    def __init__(self, step: str, errno: Optional[int], message: str) -> None:
+        super().__init__(f"{step}: {message}")
+        self.step, self.errno, self.message = step, errno, message
+
+
+# ----------------------------------------------------------------------------- factory process --
+
+
+def _report(fd: int, **fields: Any) -> None:
+    os.write(fd, json.dumps(fields).encode() + b"\n")
+
+
+def _step(fd: int, name: str, func: Any) -> Any:
+    try:
+        return func()
+    except OSError as exc:
+        _report(fd, step=name, errno=exc.errno, message=str(exc))
+    except BaseException as exc:
+        _report(fd, step=name, errno=None, message=f"{type(exc).__name__}: {exc}")
+    os._exit(1)
+
+
+def _flags(bp: Blueprint) -> int:
+    flags = libc.CLONE_NEWNS | libc.CLONE_NEWUTS | libc.CLONE_NEWIPC | libc.CLONE_NEWPID | libc.CLONE_NEWCGROUP
+    if bp.net == "none":
+        flags |= libc.CLONE_NEWNET
+    return flags
+
+
+def _holder(bp: Blueprint, ready: int) -> NoReturn:
+    libc.prctl(libc.PR_SET_PDEATHSIG, signal.SIGKILL)
+    if bp.userns and bp.uid == 0:
+        _step(ready, "unshare", lambda: unshare_with_full_map(_flags(bp)))
+    elif bp.userns:
+        _step(ready, "unshare", lambda: libc.unshare(_flags(bp) | libc.CLONE_NEWUSER))
+        _step(ready, "write uid_map/gid_map", lambda: write_identity_maps(bp.uid, bp.gid))
+    else:
+        _step(ready, "unshare", lambda: libc.unshare(_flags(bp)))
+    init = os.fork()
+    if init == 0:
+        _init(bp, ready)
+    os.close(ready)
+    os.waitpid(init, 0)
+    os._exit(0)
+
+
+def _init(bp: Blueprint, ready: int) -> NoReturn:
+    libc.prctl(libc.PR_SET_PDEATHSIG, signal.SIGKILL)
+    _step(ready, "build root", lambda: build_root(bp.root))
+    _step(ready, "sethostname", lambda: socket.sethostname(bp.hostname))
+    if bp.net == "none":
+        _step(ready, "bring up lo", loopback_up)
+    for sig in FORWARDED:
+        signal.signal(sig, lambda signum, _frame: _forward(signum))
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})  # wait for it, race-free, below
+    _report(ready, ok=True)
+    os.close(ready)
+    while True:
+        _reap_all()
+        signal.sigtimedwait({signal.SIGCHLD}, 1.0)
+
+
+def _reap_all() -> None:
+    """Reap every exited child: orphans of the namespace are re-parented to us, PID 1."""
+    try:
+        while os.waitpid(-1, os.WNOHANG)[0]:
+            pass
+    except ChildProcessError:
+        pass
+
+
+def _forward(signum: int) -> None:
+    try:
+        os.kill(2, signum)  # the payload is PID 2 of this namespace
+    except ProcessLookupError:
+        pass
+
+
+class _Workshop:
+    """The factory's state: sandboxes built and not yet killed, holders not yet reaped."""
+
+    def __init__(self) -> None:
+        self.live: dict[int, tuple[int, int, tuple[str, ...]]] = {}
+        self.dying: dict[int, tuple[str, ...]] = {}
+
+    def build(self, ident: int, bp: Blueprint) -> dict[str, Any]:
+        read, write = os.pipe()
+        holder = os.fork()
+        if holder == 0:
+            os.close(read)
+            _holder(bp, write)
+        os.close(write)
+        with os.fdopen(read, "rb") as f:
+            line = f.readline()
+        answer = json.loads(line) if line else {"step": "fork", "errno": None, "message": "the holder died"}
+        if not answer.get("ok"):
+            self.dying[holder] = bp.root.upper_bases
+            return {"id": ident, "error": answer}
+        with open(f"/proc/{holder}/task/{holder}/children") as f:
+            init = int(f.read().split()[0])
+        self.live[ident] = (holder, init, bp.root.upper_bases)
+        return {"id": ident, "holder": holder, "init": init}
+
+    def kill(self, ident: int) -> None:
+        holder, init, bases = self.live.pop(ident, (0, 0, ()))
+        if init:
+            _kill(init)
+            self.dying[holder] = bases
+
+    def reap(self, block: bool = False) -> None:
+        for holder in list(self.dying):
+            if os.waitpid(holder, 0 if block else os.WNOHANG)[0]:
+                _remove_bases(self.dying.pop(holder))
+
+    def close(self) -> None:
+        for ident in list(self.live):
+            self.kill(ident)
+        self.reap(block=True)
+
+
+def _kill(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def _remove_bases(bases: tuple[str, ...]) -> None:
+    from .host import remove_tree
+
+    for base in bases:
+        try:
+            remove_tree(base)
+        except OSError:
+            pass
+
+
+def serve(stdin: IO[str], stdout: IO[str], parent: int) -> None:
+    """The factory's loop: one JSON request per line in, one JSON answer per build out."""
+    libc.prctl(libc.PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:
+        return
+    shop = _Workshop()
+    try:
+        for line in stdin:
+            request = json.loads(line)
+            if request["op"] == "build":
+                stdout.write(json.dumps(shop.build(request["id"], Blueprint.from_json(request["blueprint"]))) + "\n")
+                stdout.flush()
+            elif request["op"] == "kill":
+                shop.kill(request["id"])
+            shop.reap()
+    finally:
+        shop.close()
+
+
+# ---------------------------------------------------------------------------------- client side --
+
+
+class Factory:
+    """The supervisor's handle on its factory process (started on first use, one per pytest process)."""
+
+    def __init__(self) -> None:
+        package_parent = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        code = (
+            f"import sys; sys.path.insert(0, {package_parent!r}); "
+            "from pytest_isolate.engine.factory import serve; "
+            f"serve(sys.stdin, sys.stdout, {os.getpid()})"
+        )
+        self.proc = subprocess.Popen(
+            [sys.executable, "-I", "-S", "-c", code],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1, close_fds=True,
+        )
+        self.next_id = 0
+        self.answers: dict[int, dict[str, Any]] = {}
+
+    def _send(self, **request: Any) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps(request) + "\n")
+        self.proc.stdin.flush()
+
+    def order(self, blueprint: Blueprint) -> int:
+        """Ask for a sandbox; returns a ticket to ``collect`` later (the factory builds meanwhile)."""
+        self.next_id += 1
+        self._send(op="build", id=self.next_id, blueprint=blueprint.to_json())
+        return self.next_id
+
+    def collect(self, ticket: int) -> Prepared:
+        """Wait for the sandbox of ``ticket``; raise SetupFailure if it could not be built."""
+        assert self.proc.stdout is not None
+        while ticket not in self.answers:
+            line = self.proc.stdout.readline()
+            if not line:
+                raise SetupFailure("factory", None, f"the sandbox factory exited with status {self.proc.wait()}")
+            answer = json.loads(line)
+            self.answers[answer["id"]] = answer
+        answer = self.answers.pop(ticket)
+        if "error" in answer:
+            err = answer["error"]
+            raise SetupFailure(err["step"], err.get("errno"), err["message"])
+        return Prepared(ticket, answer["holder"], answer["init"])
+
+    def discard(self, ticket: int) -> None:
+        """Kill the sandbox of ``ticket`` (built or not yet collected)."""
+        self._send(op="kill", id=ticket)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            assert self.proc.stdin is not None
+            self.proc.stdin.close()
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
