@@ -29,6 +29,8 @@ def test_writes_vanish_tmp_path_and_writable_persist(pytester: pytest.Pytester, 
                 f.write("scratch")
             home = os.path.expanduser("~")
             os.makedirs(os.path.join(home, "isolate-" + TOKEN, "sub"))
+            with open("/dev/shm/isolate-" + TOKEN, "w") as f:
+                f.write("shared memory stays in the sandbox too")
             (tmp_path / "kept.txt").write_text("survives")
             with open(os.path.join({str(shared)!r}, "out.txt"), "w") as f:
                 f.write("real")
@@ -47,6 +49,7 @@ def test_writes_vanish_tmp_path_and_writable_persist(pytester: pytest.Pytester, 
     result.assert_outcomes(passed=3)
     assert not os.path.exists(f"/etc/isolate-{token}")
     assert not os.path.exists(f"/tmp/isolate-{token}")
+    assert not os.path.exists(f"/dev/shm/isolate-{token}")
     assert not os.path.exists(os.path.join(os.path.expanduser("~"), f"isolate-{token}"))
     assert not (shared / "out.txt").exists()
     assert (shared / "writable.txt").read_text() == "real"

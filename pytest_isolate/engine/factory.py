@@ -249,10 +249,10 @@ class Factory:
         self.proc.stdin.write(json.dumps(request) + "\n")
         self.proc.stdin.flush()
 
-    def order(self, blueprint: Blueprint) -> int:
-        """Ask for a sandbox; returns a ticket to ``collect`` later (the factory builds meanwhile)."""
+    def order(self, blueprint: str) -> int:
+        """Ask for a sandbox (a ``Blueprint.to_json()``); returns a ticket to ``collect`` later."""
         self.next_id += 1
-        self._send(op="build", id=self.next_id, blueprint=blueprint.to_json())
+        self._send(op="build", id=self.next_id, blueprint=blueprint)
         return self.next_id
 
     def collect(self, ticket: int) -> Prepared:

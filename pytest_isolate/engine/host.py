@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Sequence
 
-from ..linux.mounts import Step, plan_root, read_mounts
+from ..linux.mounts import Step, plan_root, plan_root_whole, read_mounts
 from ..linux.rootfs import RootOptions
 from .launch import Plan
 from .spec import SandboxSpec
@@ -74,7 +74,7 @@ def current_host() -> Host:
     return Host(
         uid=os.getuid(),
         gid=os.getgid(),
-        plain_steps=plan_root(mounts),
+        plain_steps=plan_root_whole(mounts),
         userns_steps=plan_root(mounts, user_writable_dirs()),
         tmpfs_userxattr=kernel_version() >= TMPFS_USERXATTR_KERNEL,
     )

@@ -23,6 +23,7 @@ import sys
 import time
 import traceback
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any, Callable, NoReturn, Optional
 
 from ..linux import libc
@@ -49,8 +50,14 @@ class Plan:
     cwd: str
     cgroup_procs: tuple[str, ...] = ()  # cgroup.procs files the payload joins before it runs
 
+    @cached_property
     def blueprint(self) -> Blueprint:
         return Blueprint(self.userns, self.uid, self.gid, self.spec.hostname, self.spec.net, self.root)
+
+    @cached_property
+    def key(self) -> str:
+        """The blueprint as JSON: what the factory gets, and what makes two sandboxes interchangeable."""
+        return self.blueprint.to_json()
 
 
 @dataclass
@@ -183,11 +190,10 @@ class Launcher:
 
     def prepare(self, plan: Plan) -> None:
         """Have the sandbox for ``plan`` built while something else runs (e.g. the current test)."""
-        key = plan.blueprint().to_json()
-        if self.pending is not None and self.pending[0] == key:
+        if self.pending is not None and self.pending[0] == plan.key:
             return
         self.drop_pending()
-        self.pending = (key, self._factory().order(plan.blueprint()))
+        self.pending = (plan.key, self._factory().order(plan.key))
 
     def drop_pending(self) -> None:
         if self.pending is not None:
@@ -195,8 +201,7 @@ class Launcher:
             self.pending = None
 
     def _take(self, plan: Plan) -> Prepared:
-        key = plan.blueprint().to_json()
-        if self.pending is None or self.pending[0] != key:
+        if self.pending is None or self.pending[0] != plan.key:
             self.prepare(plan)
         assert self.pending is not None
         ticket = self.pending[1]

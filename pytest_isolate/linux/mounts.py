@@ -34,7 +34,8 @@ class Mount:
 
 @dataclass(frozen=True)
 class Step:
-    """One action of building the root: ``dir``, ``overlay``, ``rbind``, ``file``, ``symlink``, ``proc``."""
+    """One action of building the root: ``rootlayer``, ``dir``, ``overlay``, ``rbind``, ``file``,
+    ``symlink`` or ``proc``."""
 
     action: str
     path: str
@@ -130,3 +131,27 @@ def plan_root(mounts: Sequence[Mount], own_overlays: Iterable[str] = (), root: s
             extra.append(Step("overlay", real))
             planned.add(real)
     return tuple(planner.steps) + tuple(extra)
+
+
+def _skipped(path: str) -> bool:
+    covered = ("/proc",) + BIND_WHOLE  # a fresh /proc; /dev and /sys bound whole, submounts included
+    return path == "/" or any(path == c or _is_below(path, c) for c in covered)
+
+
+def plan_root_whole(mounts: Sequence[Mount], extra_overlays: Iterable[str] = ("/dev/shm",), root: str = "") -> tuple[Step, ...]:
+    """Plan for root without a user namespace: nothing is locked, so one overlay takes the whole
+    root filesystem (a non-recursive bind of ``/`` as its lower) and each other mount gets its own
+    layer on top, in mount-point depth order — a handful of mounts instead of one per subtree."""
+    fstype = {m.point: m.fstype for m in mounts}
+    steps = [Step("rootlayer", "/"), Step("proc", "/proc")]
+    steps += [Step("rbind", p) for p in BIND_WHOLE if os.path.isdir(root + p)]
+    for path in sorted((p for p in fstype if not _skipped(p)), key=lambda p: (p.count("/"), p)):
+        kind = fstype[path]
+        if kind in SPECIAL_FS or kind.startswith("fuse"):
+            steps.append(Step("rbind", path))
+        elif os.path.isdir(root + path):
+            steps.append(Step("overlay", path))
+        elif os.path.exists(root + path):
+            steps.append(Step("file", path))
+    steps += [Step("overlay", p) for p in extra_overlays if os.path.isdir(root + p)]
+    return tuple(steps)

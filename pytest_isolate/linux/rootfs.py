@@ -21,6 +21,7 @@ STAGE = "/tmp"
 OLD = "/oldroot"
 NEW = "/newroot"
 SCRATCH = "/scratch"
+LOWER = "/lower"
 
 
 @dataclass(frozen=True)
@@ -83,6 +84,17 @@ class _Builder:
         except OSError as exc:
             raise OSError(exc.errno, f"overlay of {path}: {exc.strerror}") from exc
 
+    def rootlayer(self) -> None:
+        """The whole root filesystem as one overlay: its lower is a non-recursive bind of ``/``."""
+        os.mkdir(LOWER)
+        libc.mount(OLD, LOWER, None, libc.MS_BIND)
+        self.layers += 1
+        upper, work = f"{SCRATCH}/{self.layers}/upper", f"{SCRATCH}/{self.layers}/work"
+        os.makedirs(upper)
+        os.mkdir(work)
+        _copy_mode(OLD, upper)
+        libc.mount("overlay", NEW, "overlay", 0, f"lowerdir={LOWER},upperdir={upper},workdir={work}")
+
     def rbind(self, path: str, target: str = "") -> None:
         dst = NEW + (target or path)
         if os.path.isdir(OLD + path):
@@ -100,7 +112,9 @@ class _Builder:
             pass  # a locked mount keeps its flags; reading is what matters
 
     def step(self, s: Step) -> None:
-        if s.action == "dir":
+        if s.action == "rootlayer":
+            self.rootlayer()
+        elif s.action == "dir":
             os.makedirs(NEW + s.path, exist_ok=True)
             _copy_mode(OLD + s.path, NEW + s.path)
         elif s.action == "overlay":

@@ -53,3 +53,16 @@ def test_user_writable_dirs_get_their_own_overlay_after_their_parent(tmp_path: P
     assert paths.index("/home") < paths.index("/home/u")
     assert "/dev/shm" in paths and "/missing" not in paths
     assert os.path.isdir(tmp_path / "home/u")
+
+
+def test_root_plan_is_one_overlay_plus_one_per_mount(tmp_path: Path) -> None:
+    from pytest_isolate.linux.mounts import plan_root_whole
+
+    _tree(tmp_path)
+    steps = plan_root_whole(parse_mountinfo(MOUNTINFO), root=str(tmp_path))
+    assert steps[0] == Step("rootlayer", "/")
+    assert Step("proc", "/proc") in steps and Step("rbind", "/proc") not in steps
+    assert Step("rbind", "/dev") in steps and Step("rbind", "/sys") in steps
+    assert Step("overlay", "/mnt/deep/data dir") in steps
+    assert not any(s.path.startswith("/sys/") or s.path == "/etc" for s in steps)
+    assert steps[-1] == Step("overlay", "/dev/shm")  # writes to /dev/shm stay in the sandbox
