@@ -253,6 +253,28 @@ def _enable(fs: CgroupFs, path: str) -> None:
                 raise
 
 
+def enable_ancestors(fs: CgroupFs, root: str, own: str) -> None:
+    """Make our controllers reach ``<own>`` where we may (root, or a delegated subtree).
+
+    systemd enables a controller on a slice only when a unit below asks for it, so a job's
+    cgroup may get just memory and pids, and a ``Delegate=yes`` scope in system.slice none.
+    Slices hold no processes, so the kernel lets us enable the rest top-down; whatever
+    fails stays missing and ``new_leaf`` names it with the fix.
+    """
+    parts = [p for p in os.path.relpath(own, root).split(os.sep) if p not in (".", "")]
+    for depth in range(len(parts)):
+        parent = os.path.join(root, *parts[:depth])
+        child = os.path.join(parent, parts[depth])
+        have = (cg.read_optional(fs, os.path.join(child, "cgroup.controllers")) or "").split()
+        control = os.path.join(parent, "cgroup.subtree_control")
+        for controller in _wanted(fs, parent):
+            if controller not in have and fs.writable(control):
+                try:
+                    fs.write(control, f"+{controller}")
+                except OSError:
+                    pass
+
+
 def enable_in_own(fs: CgroupFs, own: str, attempts: int = 5) -> None:
     """Enable the controllers in ``<own>``, moving its processes to the supervisor leaf
     when the kernel refuses because of them (new ones may appear meanwhile: retry)."""
@@ -395,6 +417,7 @@ class V2Driver(cg.Driver):
         if own.endswith(".scope") and cg.parse_session_name(os.path.basename(own)):
             for scope in cg.stale_sessions(self.fs, os.path.dirname(own)):
                 empty_scope(self.fs, scope)
+        enable_ancestors(self.fs, self.root, own)
         enable_in_own(self.fs, own)
         return V2Session(self.fs, own)
 

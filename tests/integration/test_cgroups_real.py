@@ -164,7 +164,13 @@ def test_unavailable_refuses_cleanly(host: dict[str, Any]) -> None:
 
 LIFECYCLE = """
 session = driver.open_session()
-leaf = session.new_leaf(Limits(memory=128 << 20, cpus=0.5, pids=32))
+try:
+    session.new_leaf(Limits(cpus=0.5))
+    cpu_refusal = None
+except CgroupError as e:
+    cpu_refusal = str(e)
+cpus = 0.5 if "cpu" in session.controllers else None
+leaf = session.new_leaf(Limits(memory=128 << 20, cpus=cpus, pids=32))
 
 def work():
     block = bytearray(48 << 20)
@@ -183,7 +189,7 @@ pid = spawn(leaf, work)
 time.sleep(0.2)
 live = leaf.pids()
 st = status(pid)
-result(controllers=sorted(session.controllers), live=live, child=pid, status=st, usage=usage_dict(leaf),
+result(controllers=sorted(session.controllers), cpu_refusal=cpu_refusal, live=live, child=pid, status=st, usage=usage_dict(leaf),
        leaf=leaf.path, after=leaf.pids())
 session.remove()
 """
@@ -195,6 +201,10 @@ def test_lifecycle_limits_and_accounting(launcher: str) -> None:
     assert out["status"] == {"exit": 0, "signal": None}
     assert out["live"] == [out["child"]] and out["after"] == []
     assert set(out["controllers"]) >= {"memory", "pids"}
+    if os.geteuid() == 0:
+        assert set(out["controllers"]) == {"memory", "cpu", "pids", "io"}
+    if "cpu" not in out["controllers"]:  # rootless without cpu delegated: a clear refusal
+        assert "'cpu' controller" in out["cpu_refusal"] and "Delegate=" in out["cpu_refusal"]
     assert usage["memory_peak"] >= 48 << 20, usage
     assert usage["cpu_user"] + usage["cpu_system"] > 0.1, usage
     assert usage["oom_kills"] == 0 and usage["io_write_bytes"] is not None, usage

@@ -106,6 +106,9 @@ class FakeFs(cg.CgroupFs):
                 raise OSError(errno.EBUSY, "Device or resource busy")
             enabled = enabled + [controller] if token[0] == "+" else [c for c in enabled if c != controller]
         Path(directory, "cgroup.subtree_control").write_text(" ".join(sorted(set(enabled))) + "\n")
+        for child in os.listdir(directory):
+            if os.path.isdir(os.path.join(directory, child)):
+                Path(directory, child, "cgroup.controllers").write_text(" ".join(sorted(set(enabled))) + "\n")
 
     def _kill_all(self, directory: str, value: str) -> None:
         for sub in cg.subtree(self, directory):
@@ -382,6 +385,16 @@ def test_v2_session_moves_processes_out_and_restores(v2tree: tuple[FakeFs, Path,
     assert _words(str(job), "cgroup.subtree_control") == []
 
 
+def test_v2_enables_missing_controllers_in_ancestors(v2tree: tuple[FakeFs, Path, Path]) -> None:
+    """systemd gave the job's slice only memory and pids; as root we enable the rest."""
+    fs, root, proc = v2tree
+    fs.write(str(root / "system.slice" / "cgroup.subtree_control"), "-cpu -io")
+    assert _words(str(root / "system.slice" / "job.service"), "cgroup.controllers") == ["memory", "pids"]
+    session = _v2(fs, root, proc).open_session()
+    assert session.controllers == {"memory", "cpu", "pids", "io"}
+    session.remove()
+
+
 def test_v2_leaf_limits(v2tree: tuple[FakeFs, Path, Path]) -> None:
     fs, root, proc = v2tree
     session = _v2(fs, root, proc).open_session()
@@ -471,7 +484,7 @@ def test_v2_remove_retries_ebusy(v2tree: tuple[FakeFs, Path, Path]) -> None:
 def test_v2_missing_controller_names_the_fix(v2tree: tuple[FakeFs, Path, Path]) -> None:
     fs, root, proc = v2tree
     fs.write(str(root / "system.slice" / "cgroup.subtree_control"), "-cpu")
-    (root / "system.slice" / "job.service" / "cgroup.controllers").write_text("io memory pids\n")
+    fs.readonly.add(str(root / "system.slice" / "cgroup.subtree_control"))  # not ours (rootless)
     session = _v2(fs, root, proc).open_session()
     assert session.controllers == {"memory", "pids", "io"}
     with pytest.raises(CgroupError, match=r"cpus limit: the cgroup 'cpu' controller.*Delegate=cpu"):
