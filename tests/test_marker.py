@@ -11,12 +11,15 @@ from conftest import Runner
     ("marker", "message"),
     [
         ("isolated('none')", "*positional argument 'none' from marker on *::test_x*keyword arguments only*"),
-        ("isolated(network='none')", "*unknown argument network from marker on *::test_x*known: net, hostname, writable, user_namespace*"),
+        ("isolated(network='none')", "*unknown argument network from marker on *::test_x*known: net, hostname, writable, user_namespace, memory, cpus, pids, timeout*"),
         ("isolated(net='bridge')", "*net='bridge' from marker on *::test_x: expected one of 'none', 'host'*"),
         ("isolated(hostname='bad name!')", "*hostname='bad name!' from marker on *::test_x*"),
         ("isolated(writable=['/does/not/exist'])", "*writable=*from marker on *::test_x: /does/not/exist is not an existing directory*"),
         ("isolated(user_namespace='yes')", "*user_namespace='yes' from marker on *::test_x: expected True, False or None*"),
-        ("isolated(memory='256M')", "*unknown argument memory from marker on *::test_x*"),
+        ("isolated(memory='256Q')", "*memory='256Q' from marker on *::test_x: unknown unit Q*"),
+        ("isolated(cpus=0)", "*cpus=0 from marker on *::test_x: expected a positive number*"),
+        ("isolated(pids=1.5)", "*pids=1.5 from marker on *::test_x: expected a positive integer*"),
+        ("isolated(timeout='soon')", "*timeout='soon' from marker on *::test_x: expected a positive number*"),
     ],
 )
 def test_invalid_marker_is_a_usage_error(pytester: pytest.Pytester, run: Runner, marker: str, message: str) -> None:

@@ -125,7 +125,7 @@ def test_crashes_fail_with_a_name_and_the_run_continues(pytester: pytest.Pyteste
     result.assert_outcomes(failed=4, passed=1)
     result.stdout.fnmatch_lines(
         [
-            "*test_segv*crashed with SIGSEGV (signal 11) during call*",
+            "*test_segv*crashed with SIGSEGV (signal 11) (during call)*",
             "*Captured stdout call*", "before the crash",
             "*test_abort*crashed with SIGABRT (signal 6)*",
             "*test_exit_code*exited with status 3*",

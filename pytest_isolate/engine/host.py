@@ -55,8 +55,7 @@ class Host:
     def needs_disk_upper(self, spec: SandboxSpec) -> bool:
         return self.uses_userns(spec) and not self.tmpfs_userxattr
 
-    def plan(self, spec: SandboxSpec, *, cwd: str, writable: Sequence[str] = (), upper_bases: tuple[str, ...] = (),
-             cgroup_procs: tuple[str, ...] = ()) -> Plan:
+    def plan(self, spec: SandboxSpec, *, cwd: str, writable: Sequence[str] = (), upper_bases: tuple[str, ...] = ()) -> Plan:
         userns = self.uses_userns(spec)
         paths = tuple(dict.fromkeys(tuple(spec.writable) + tuple(writable)))
         root = RootOptions(
@@ -65,7 +64,7 @@ class Host:
             userxattr=userns,
             upper_bases=upper_bases,
         )
-        return Plan(spec=spec, root=root, userns=userns, uid=self.uid, gid=self.gid, cwd=cwd, cgroup_procs=cgroup_procs)
+        return Plan(spec=spec, root=root, userns=userns, uid=self.uid, gid=self.gid, cwd=cwd)
 
 
 @lru_cache(maxsize=1)

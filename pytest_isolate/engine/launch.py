@@ -27,7 +27,9 @@ from functools import cached_property
 from typing import Any, Callable, NoReturn, Optional
 
 from ..linux import libc
+from ..linux.cgroups import CgroupError, Driver, Leaf, Limits, Session
 from ..linux.rootfs import RootOptions
+from .accounting import Measurement, from_cgroup, from_rusage
 from .channel import Channel
 from .factory import Blueprint, Factory, Prepared, SetupFailure
 from .spec import SandboxSpec
@@ -48,7 +50,6 @@ class Plan:
     uid: int
     gid: int
     cwd: str
-    cgroup_procs: tuple[str, ...] = ()  # cgroup.procs files the payload joins before it runs
 
     @cached_property
     def blueprint(self) -> Blueprint:
@@ -71,6 +72,9 @@ class Outcome:
     wall: float = 0.0
     rusage: Optional[resource.struct_rusage] = None
     records: list[dict[str, Any]] = field(default_factory=list)
+    measurement: Optional[Measurement] = None
+    limited: bool = False  # the spec's limits were enforced by a cgroup
+    spec: Optional[SandboxSpec] = None
 
     @property
     def exit_code(self) -> Optional[int]:
@@ -108,14 +112,15 @@ def _join_cgroups(files: tuple[str, ...]) -> None:
             f.write("0\n")  # "0" means the writing process
 
 
-def _payload(plan: Plan, chan: Channel, target: Callable[[Channel], int], fds: Optional[dict[str, int]]) -> NoReturn:
+def _payload(plan: Plan, chan: Channel, target: Callable[[Channel], int], fds: Optional[dict[str, int]],
+             procs: tuple[str, ...]) -> NoReturn:
     """PID 2: die with the supervisor, join what is left to join, run ``target``, exit with its code."""
     code = 1
     try:
         libc.prctl(libc.PR_SET_PDEATHSIG, signal.SIGKILL)
         os.setpgid(0, 0)  # a terminal's Ctrl-C reaches the supervisor only; it decides
         if fds is not None:  # root: join the cgroup from the host's view, then the namespaces
-            _join_cgroups(plan.cgroup_procs)
+            _join_cgroups(procs)
             _join(fds, plan)
             for fd in fds.values():
                 os.close(fd)
@@ -136,11 +141,11 @@ def _payload(plan: Plan, chan: Channel, target: Callable[[Channel], int], fds: O
     os._exit(code)
 
 
-def _relay(plan: Plan, chan: Channel, target: Callable[[Channel], int], fds: dict[str, int]) -> NoReturn:
+def _relay(plan: Plan, chan: Channel, target: Callable[[Channel], int], fds: dict[str, int], procs: tuple[str, ...]) -> NoReturn:
     """Rootless: join the user namespace first (gaining its capabilities), then the rest, then fork PID 2."""
     try:
         libc.prctl(libc.PR_SET_PDEATHSIG, signal.SIGKILL)
-        _join_cgroups(plan.cgroup_procs)  # before the user namespace, where cgroupfs is ours
+        _join_cgroups(procs)  # before the user namespace, where cgroupfs is ours
         libc.setns(fds["user"], libc.CLONE_NEWUSER)
         _join(fds, plan)
         libc.setns(fds["pid"], libc.CLONE_NEWPID)
@@ -150,7 +155,7 @@ def _relay(plan: Plan, chan: Channel, target: Callable[[Channel], int], fds: dic
         _fail_early(chan, "setns", exc)
     pid = os.fork()
     if pid == 0:
-        _payload(plan, chan, target, None)
+        _payload(plan, chan, target, None, ())
     _, status = os.waitpid(pid, 0)
     chan.send("exit", status=status)
     os._exit(0)
@@ -178,10 +183,39 @@ def _kill(pid: int) -> None:
 class Launcher:
     """Runs payloads in sandboxes from one factory, ordering the next sandbox ahead of time."""
 
-    def __init__(self) -> None:
+    def __init__(self, cgroups: Optional[Driver] = None) -> None:
         self.factory: Optional[Factory] = None
         self.pending: Optional[tuple[str, int]] = None  # (blueprint json, ticket)
         self.own_pid_ns = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
+        self.driver = cgroups
+        self.session: Optional[Session] = None
+        self.cgroup_problem = ""
+        self.current: Optional[tuple[Optional[Leaf], float]] = None  # the running sandbox's leaf, start
+
+    def live_usage(self) -> Measurement:
+        """In a payload: its sandbox's usage so far (cgroup counters, or rusage estimates)."""
+        leaf, start = self.current or (None, time.monotonic())
+        wall = time.monotonic() - start
+        if leaf is not None:
+            return from_cgroup(leaf.usage(), wall)
+        own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+        merged = from_rusage(own, wall)
+        values = dict(merged.values)
+        for name, attr in (("cpu_user", "ru_utime"), ("cpu_system", "ru_stime")):
+            values[name] = float(values[name] or 0) + getattr(children, attr)
+        return Measurement(values, merged.sources)
+
+    def cgroups(self) -> tuple[Optional[Session], str]:
+        """The cgroup session (opened on first use), or None and why not (with the fix)."""
+        if self.session is None and not self.cgroup_problem:
+            if self.driver is None:
+                self.cgroup_problem = "cgroups are not used (disabled)"
+            else:
+                try:
+                    self.session = self.driver.open_session()
+                except CgroupError as exc:
+                    self.cgroup_problem = str(exc)
+        return self.session, self.cgroup_problem
 
     def _factory(self) -> Factory:
         if self.factory is None:
@@ -208,36 +242,62 @@ class Launcher:
         self.pending = None
         return self._factory().collect(ticket)
 
-    def _fork(self, plan: Plan, chan: Channel, target: Callable[[Channel], int], fds: dict[str, int]) -> int:
+    def _fork(self, plan: Plan, chan: Channel, target: Callable[[Channel], int], fds: dict[str, int],
+              procs: tuple[str, ...]) -> int:
         # The children never return from _relay/_payload (os._exit), so nothing after fork() — in
         # particular the finally below — ever runs in a child.
         if plan.userns:
             pid = os.fork()
             if pid == 0:
-                _relay(plan, chan, target, fds)
+                _relay(plan, chan, target, fds, procs)
             return pid
         libc.setns(fds["pid"], libc.CLONE_NEWPID)  # our children are born in the sandbox: PID 2
         try:
             pid = os.fork()
             if pid == 0:
-                _payload(plan, chan, target, fds)
+                _payload(plan, chan, target, fds, procs)
         finally:
             libc.setns(self.own_pid_ns, libc.CLONE_NEWPID)
         return pid
 
-    def launch(self, plan: Plan, target: Callable[[Channel], int], after_start: Optional[Callable[[], None]] = None) -> Outcome:
-        """Run ``target`` as PID 2 of a sandbox for ``plan``; wait (with ``plan.spec.timeout``)."""
-        outcome = Outcome()
+    def launch(self, plan: Plan, target: Callable[[Channel], int], after_start: Optional[Callable[[], None]] = None,
+               limited: bool = True) -> Outcome:
+        """Run ``target`` as PID 2 of a sandbox for ``plan``; wait (with ``plan.spec.timeout``).
+
+        With ``limited`` (and a cgroup session) the payload runs in a fresh leaf holding the spec's
+        limits, and the outcome's measurement comes from it; otherwise from rusage (estimates).
+        """
+        outcome = Outcome(spec=plan.spec)
         start = time.monotonic()
+        session, _ = self.cgroups() if limited else (None, "")
+        leaf: Optional[Leaf] = None
         try:
+            if session is not None:
+                leaf = session.new_leaf(Limits(plan.spec.memory, plan.spec.cpus, plan.spec.pids))
             sandbox = self._take(plan)
-        except SetupFailure as exc:
-            outcome.setup_error = exc
+        except (SetupFailure, CgroupError) as exc:
+            outcome.setup_error = exc if isinstance(exc, SetupFailure) else SetupFailure("cgroup limits", None, str(exc))
+            if leaf is not None:
+                leaf.remove()
             return outcome
+        outcome.limited = leaf is not None
+        try:
+            self._supervise(plan, target, after_start, sandbox, leaf, outcome, start)
+        finally:
+            if leaf is not None:
+                outcome.measurement = from_cgroup(leaf.usage(), outcome.wall)
+                leaf.remove()
+            else:
+                outcome.measurement = from_rusage(outcome.rusage, outcome.wall)
+        return outcome
+
+    def _supervise(self, plan: Plan, target: Callable[[Channel], int], after_start: Optional[Callable[[], None]],
+                   sandbox: Prepared, leaf: Optional[Leaf], outcome: Outcome, start: float) -> None:
         chan = Channel()
         fds = _open_namespaces(sandbox.init)
+        self.current = (leaf, start)  # what the payload's live_usage() reads (fork copies it)
         try:
-            pid = self._fork(plan, chan, target, fds)
+            pid = self._fork(plan, chan, target, fds, leaf.procs_files() if leaf is not None else ())
         finally:
             for fd in fds.values():
                 os.close(fd)
@@ -248,6 +308,8 @@ class Launcher:
             if not _wait(pid, None if timeout is None else start + timeout):
                 outcome.timed_out = True
                 _kill(sandbox.init)
+                if leaf is not None:
+                    leaf.kill()
             _, status, outcome.rusage = os.wait4(pid, 0)
             if not plan.userns:
                 outcome.status = status
@@ -260,6 +322,7 @@ class Launcher:
         finally:
             _kill(sandbox.init)
             self._factory().discard(sandbox.ident)
+            self.current = None
             outcome.wall = time.monotonic() - start
             outcome.records = list(chan.records())
             chan.close()
@@ -270,11 +333,13 @@ class Launcher:
                 outcome.setup_error = SetupFailure(record["step"], record.get("errno"), record["message"])
         if outcome.setup_error is not None and not any(r["kind"] == "report" for r in outcome.records):
             outcome.status = None
-        return outcome
 
     def close(self) -> None:
         self.drop_pending()
         if self.factory is not None:
             self.factory.close()
             self.factory = None
+        if self.session is not None:
+            self.session.remove()
+            self.session = None
         os.close(self.own_pid_ns)

@@ -340,6 +340,14 @@ def raise_first(errors: list[CgroupError]) -> None:
         raise CgroupError(f"{errors[0]}{more}") from errors[0]
 
 
+def make_cgroup(fs: CgroupFs, path: str) -> None:
+    """mkdir a cgroup; refusals (EACCES, cgroup.max.descendants' EAGAIN) become CgroupError."""
+    try:
+        fs.mkdir(path)
+    except OSError as e:
+        raise CgroupError(f"cannot create cgroup {path}: {e.strerror} (errno {e.errno})") from e
+
+
 def require_controllers(limits: Limits, available: frozenset[str], where: str, fix: str) -> None:
     """Refuse a limit whose controller is not enabled, naming the controller and the fix."""
     for limit, controller in limits.needs().items():

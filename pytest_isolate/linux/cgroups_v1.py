@@ -168,9 +168,9 @@ class V1Session(Session):
         try:
             _make_leaf_dirs(self.fs, leaf)
             apply_limits(self.fs, leaf.dirs, limits)
-        except (OSError, CgroupError) as e:
+        except CgroupError:
             leaf.remove()
-            raise e if isinstance(e, CgroupError) else CgroupError(f"cannot create {leaf.path}: {e}") from e
+            raise
         self._leaves.append(leaf)
         return leaf
 
@@ -210,8 +210,11 @@ def _mkdir_unique(fs: CgroupFs, base: str) -> str:
 
 def _make_leaf_dirs(fs: CgroupFs, leaf: V1Leaf) -> None:
     for d in leaf.distinct_dirs():
-        fs.mkdir(d)
-        _inherit_cpuset(fs, d)
+        cg.make_cgroup(fs, d)
+        try:
+            _inherit_cpuset(fs, d)
+        except OSError as e:
+            raise CgroupError(f"cannot copy cpuset.cpus/mems into {d}: {e}") from e
 
 
 def _inherit_cpuset(fs: CgroupFs, path: str) -> None:
@@ -290,4 +293,7 @@ class V1Driver(cg.Driver):
         for parent in sorted(set(own.values())):
             for stale in cg.stale_sessions(self.fs, parent):
                 _destroy(self.fs, stale)
-        return V1Session(self.fs, own)
+        try:
+            return V1Session(self.fs, own)
+        except OSError as e:
+            raise CgroupError(f"cannot create the session cgroups: {e}. Fix: {FIX_ROOTLESS}") from e

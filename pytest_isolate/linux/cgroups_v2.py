@@ -165,7 +165,7 @@ class V2Session(Session):
         limits.check()
         cg.require_controllers(limits, self.controllers, self.path, FIX_CONTROLLER)
         path = os.path.join(self.path, f"t-{len(self._leaves) + 1}")
-        self.fs.mkdir(path)
+        cg.make_cgroup(self.fs, path)
         leaf = V2Leaf(self.fs, path)
         try:
             apply_limits(self.fs, path, limits)
@@ -419,7 +419,10 @@ class V2Driver(cg.Driver):
                 empty_scope(self.fs, scope)
         enable_ancestors(self.fs, self.root, own)
         enable_in_own(self.fs, own)
-        return V2Session(self.fs, own)
+        try:
+            return V2Session(self.fs, own)
+        except OSError as e:
+            raise CgroupError(f"cannot create the session cgroup in {own}: {e}. Fix: {FIX_DELEGATE}") from e
 
 
 FIX_RO = (

@@ -1,24 +1,32 @@
-"""pytest hooks of pytest-isolate: options, the ``isolated`` marker, and the runtest protocol."""
+"""pytest hooks of pytest-isolate: options, the ``isolated`` marker, the runtest protocol, reports."""
 
 from __future__ import annotations
 
 import errno
 import os
+import platform
+import warnings
 from typing import Any, Callable, Generator, Optional
 
 import pytest
 
+from .. import __version__
 from ..engine.channel import Channel
 from ..engine.explain import explain
 from ..engine.host import current_host, disk_upper_dirs
 from ..engine.launch import Launcher, Outcome, Plan
 from ..engine.spec import SandboxSpec, SpecError
+from ..linux.cgroups import Driver, detect
 from ..linux.probe import Capabilities, probe
 from . import protocol
 from .marker import MARKER_HELP, item_spec
+from .options import Settings, add_options, read_settings
+from .reports import human_bytes, make_report
+from .summary import Recorder, terminal_summary
 
 SPEC_KEY = pytest.StashKey[Optional[SandboxSpec]]()
-MUST_WORK_ENV = "PYTEST_ISOLATE_MUST_WORK"
+PLAN_KEY = pytest.StashKey[Plan]()
+TIMEOUT_KEY = pytest.StashKey[float]()
 ISOLATE_HELP = "isolate every test of the run as if it were marked @pytest.mark.isolated"
 EOVERFLOW_HINT = (
     "pytest-isolate: this file or directory is owned by a user that is not mapped in the rootless sandbox "
@@ -28,49 +36,108 @@ EOVERFLOW_HINT = (
 )
 
 
+class IsolationDegradedWarning(pytest.PytestWarning):
+    """An isolated test ran with less isolation than it asked for (--isolate-unavailable=degrade)."""
+
+
+class State:
+    """Everything pytest-isolate holds for one pytest process; released in pytest_unconfigure."""
+
+    def __init__(self, config: pytest.Config, settings: Settings) -> None:
+        self.config = config
+        self.settings = settings
+        self.recorder = Recorder()
+        self._launcher: Optional[Launcher] = None
+        self._caps: Optional[Capabilities] = None
+        self._driver: Optional[Driver] = None
+
+    @property
+    def caps(self) -> Capabilities:
+        if self._caps is None:
+            self._caps = probe()
+        return self._caps
+
+    @property
+    def driver(self) -> Driver:
+        if self._driver is None:
+            self._driver = detect()
+        return self._driver
+
+    @property
+    def launcher(self) -> Launcher:
+        if self._launcher is None:
+            self._launcher = Launcher(self.driver)
+        return self._launcher
+
+    def close(self) -> None:
+        if self._launcher is not None:
+            self._launcher.close()
+            self._launcher = None
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        """Registered as a plugin: sees every logged report (under xdist, on the controller)."""
+        self.recorder.add(report)
+
+
+STATE_KEY = pytest.StashKey[State]()
+
+
+def _state(config: pytest.Config) -> State:
+    return config.stash[STATE_KEY]
+
+
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("isolate", "process isolation (pytest-isolate)")
     group.addoption("--isolate", action="store_true", default=False, help=ISOLATE_HELP)
+    add_options(parser)
 
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", MARKER_HELP)
+    try:
+        settings = read_settings(config)
+    except SpecError as exc:
+        raise pytest.UsageError(str(exc)) from None
+    state = State(config, settings)
+    config.stash[STATE_KEY] = state
+    config.pluginmanager.register(state, "isolate-state")
 
 
-def header_line(caps: Capabilities) -> str:
+def pytest_unconfigure(config: pytest.Config) -> None:
+    state = config.stash.get(STATE_KEY, None)
+    if state is not None:
+        state.close()
+        config.pluginmanager.unregister(state)
+
+
+def header_line(caps: Capabilities, driver: Driver) -> str:
     """One line: what isolation is in effect for this run."""
     who = "root" if caps.root else "rootless"
-    names = [f.name.split()[0] for f in caps.features if f.name.endswith("namespace") and f.ok]
+    names = [f.name.split()[0].lower() for f in caps.features if f.name.endswith("namespace") and f.ok]
     if caps.root:
         names = [n for n in names if n != "user"]  # root needs no user namespace unless a marker asks
     upper = "tmpfs" if caps.get("tmpfs upper layer").ok else "disk"
     if not caps.full:
         missing = ", ".join(f.name for f in caps.missing)
         return f"isolate: {who}; NOT available here (missing: {missing}); see `python -m pytest_isolate doctor`"
-    return f"isolate: {who}; namespaces {'+'.join(n.lower() for n in names)}; overlay root (upper layers on {upper}); limits: not enforced"
+    ok, why = driver.available()
+    limits = f"limits and accounting: cgroup {driver.name}" if ok else f"limits: unavailable ({why.split('. Fix')[0]})"
+    return f"isolate: {who}; namespaces {'+'.join(names)}; overlay root (upper layers on {upper}); {limits}"
 
 
 def pytest_report_header(config: pytest.Config) -> str:
-    return header_line(probe())
+    state = _state(config)
+    return header_line(state.caps, state.driver)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     isolate_all = bool(config.getoption("isolate"))
+    defaults = _state(config).settings.defaults
     for item in items:
         try:
-            item.stash[SPEC_KEY] = item_spec(item, isolate_all)
+            item.stash[SPEC_KEY] = item_spec(item, isolate_all, defaults)
         except SpecError as exc:
             raise pytest.UsageError(str(exc)) from None
-
-
-LAUNCHER_KEY = pytest.StashKey[Launcher]()
-PLAN_KEY = pytest.StashKey[Plan]()
-
-
-def _launcher(config: pytest.Config) -> Launcher:
-    if LAUNCHER_KEY not in config.stash:
-        config.stash[LAUNCHER_KEY] = Launcher()
-    return config.stash[LAUNCHER_KEY]
 
 
 def _plan(item: pytest.Item, spec: SandboxSpec) -> Plan:
@@ -79,13 +146,21 @@ def _plan(item: pytest.Item, spec: SandboxSpec) -> Plan:
         host = current_host()
         basetemp = str(item.config._tmp_path_factory.getbasetemp())  # type: ignore[attr-defined]
         bases = disk_upper_dirs() if host.needs_disk_upper(spec) else ()
+        timeout = item.stash.get(TIMEOUT_KEY, None)
+        if timeout is not None and (spec.timeout is None or timeout < spec.timeout):
+            spec = spec.merged(timeout=timeout)
         item.stash[PLAN_KEY] = host.plan(spec, cwd=os.getcwd(), writable=(basetemp,), upper_bases=bases)
     return item.stash[PLAN_KEY]
 
 
-def _starter(item: pytest.Item, nextitem: Optional[pytest.Item]) -> Callable[[Callable[[Channel], int]], Outcome]:
-    launcher = _launcher(item.config)
-    plan = _plan(item, item.stash[SPEC_KEY])  # type: ignore[arg-type]
+def _limits(spec: SandboxSpec) -> str:
+    asked = [f"{name}={getattr(spec, name)!r}" for name in ("memory", "cpus", "pids") if getattr(spec, name) is not None]
+    return ", ".join(asked)
+
+
+def _starter(item: pytest.Item, nextitem: Optional[pytest.Item], spec: SandboxSpec, limited: bool) -> Callable[[Callable[[Channel], int]], Outcome]:
+    launcher = _state(item.config).launcher
+    plan = _plan(item, spec)
     upcoming = nextitem.stash.get(SPEC_KEY, None) if nextitem is not None else None
 
     def order_next() -> None:
@@ -93,16 +168,54 @@ def _starter(item: pytest.Item, nextitem: Optional[pytest.Item]) -> Callable[[Ca
             launcher.prepare(_plan(nextitem, upcoming))
 
     def start(target: Callable[[Channel], int]) -> Outcome:
-        return launcher.launch(plan, target, after_start=order_next)
+        return launcher.launch(plan, target, after_start=order_next, limited=limited)
 
     return start
 
 
-def pytest_unconfigure(config: pytest.Config) -> None:
-    launcher = config.stash.get(LAUNCHER_KEY, None)
-    if launcher is not None:
-        launcher.close()
-        del config.stash[LAUNCHER_KEY]
+def _decorator(item: pytest.Item) -> Callable[[list[pytest.TestReport], Outcome], None]:
+    def decorate(reports: list[pytest.TestReport], outcome: Outcome) -> None:
+        if outcome.measurement is None:
+            return
+        props = outcome.measurement.properties()
+        for report in reports:
+            report.user_properties = [p for p in report.user_properties if not str(p[0]).startswith("isolate.")] + props
+        m = outcome.measurement
+        oom = m.oom_kills or 0
+        spec = outcome.spec
+        if oom and reports and reports[-1].when != "teardown" and spec is not None:
+            reports[-1].sections.append(("isolate", f"{int(oom)} process(es) in the sandbox were OOM-killed: memory limit "
+                                         f"{human_bytes(spec.memory)} (peak {human_bytes(m.memory_peak)})"))
+
+    return decorate
+
+
+def _unavailable(item: pytest.Item, spec: SandboxSpec, state: State) -> Optional[str]:
+    """Why the isolation or limits ``spec`` asks for cannot be had here (None: they can)."""
+    caps = state.caps
+    if not caps.full:
+        missing = ", ".join(f.name for f in caps.missing)
+        return f"isolation is not available on this host (missing: {missing}); see `python -m pytest_isolate doctor`"
+    asked = _limits(spec)
+    if asked:
+        session, problem = state.launcher.cgroups()
+        if session is None:
+            return f"the limits {asked} cannot be enforced: {problem}"
+    return None
+
+
+def _refuse(item: pytest.Item, reason: str, policy: str) -> None:
+    ihook = item.ihook
+    ihook.pytest_runtest_logstart(nodeid=item.nodeid, location=item.location)
+    if policy == "skip":
+        report = make_report(item, "setup", "skipped", None)
+        report.longrepr = (str(item.path), (item.location[1] or 0) + 1, f"Skipped: pytest-isolate: {reason}")
+    else:
+        report = make_report(item, "setup", "failed", f"pytest-isolate: {reason}\n(--isolate-unavailable=skip or =degrade "
+                                                          "changes what happens when isolation cannot be had)")
+    ihook.pytest_runtest_logreport(report=report)
+    ihook.pytest_runtest_logreport(report=make_report(item, "teardown", "passed", None))
+    ihook.pytest_runtest_logfinish(nodeid=item.nodeid, location=item.location)
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -110,23 +223,108 @@ def pytest_runtest_protocol(item: pytest.Item, nextitem: Optional[pytest.Item]) 
     spec = item.stash.get(SPEC_KEY, None)
     if spec is None or protocol.IN_SANDBOX:
         return None
+    state = _state(item.config)
+    reason = _unavailable(item, spec, state)
+    limited = True
+    if reason is not None:
+        policy = state.settings.policy
+        if policy != "degrade":
+            _refuse(item, reason, policy)
+            return True
+        warnings.warn(IsolationDegradedWarning(f"{item.nodeid}: {reason}; running with less isolation"))
+        if not state.caps.full:
+            return None  # run it as a plain test: nothing to sandbox with
+        limited = False
     item.ihook.pytest_runtest_logstart(nodeid=item.nodeid, location=item.location)
-    protocol.run_item(item, nextitem, _starter(item, nextitem), explain)
+    protocol.run_item(item, nextitem, _starter(item, nextitem, spec, limited), explain, _decorator(item))
     item.ihook.pytest_runtest_logfinish(nodeid=item.nodeid, location=item.location)
     return True
 
 
-def _explain_eoverflow(exc: Optional[BaseException]) -> None:
+def _header(state: State) -> dict[str, Any]:
+    caps, driver = state.caps, state.driver
+    ok, why = driver.available()
+    return {
+        "plugin": f"pytest-isolate-ns {__version__}",
+        "kernel": platform.release(),
+        "root": caps.root,
+        "namespaces": [f.name for f in caps.features if f.name.endswith("namespace") and f.ok],
+        "isolation_available": caps.full,
+        "cgroup": {"driver": driver.name, "limits_available": ok, "reason": why},
+        "defaults": {name: getattr(state.settings.defaults, name) for name in ("memory", "cpus", "pids", "timeout")},
+        "unavailable_policy": state.settings.policy,
+    }
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    config = session.config
+    path = config.getoption("isolate_json")
+    if path and not hasattr(config, "workerinput"):
+        state = _state(config)
+        state.recorder.write_json(path, _header(state))
+
+
+def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
+    terminal_summary(terminalreporter, _state(config).recorder, config.getoption("isolate_top"))
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_timeout_set_timer(item: pytest.Item, settings: Any) -> Optional[bool]:
+    """pytest-timeout's own hook: an isolated test's timeout is enforced by our supervisor, which
+    kills the whole sandbox, never by a signal in the pytest process."""
+    if item.stash.get(SPEC_KEY, None) is None:
+        return None
+    timeout = getattr(settings, "timeout", None)
+    if timeout and not protocol.IN_SANDBOX:
+        item.stash[TIMEOUT_KEY] = float(timeout)
+    return True
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_timeout_cancel_timer(item: pytest.Item) -> Optional[bool]:
+    return True if item.stash.get(SPEC_KEY, None) is not None else None
+
+
+def _explain_errors(exc: Optional[BaseException], spec: Optional[SandboxSpec]) -> None:
     seen = set()
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
         if isinstance(exc, OSError) and exc.errno == errno.EOVERFLOW and EOVERFLOW_HINT not in str(exc.strerror):
             exc.strerror = f"{exc.strerror}\n{EOVERFLOW_HINT}"
+        if isinstance(exc, OSError) and exc.errno == errno.EAGAIN and spec is not None and spec.pids is not None:
+            hint = f"pytest-isolate: the sandbox's process limit pids={spec.pids} is reached"
+            if hint not in str(exc.strerror):
+                exc.strerror = f"{exc.strerror}\n{hint}"
         exc = exc.__cause__ or exc.__context__
 
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[Any]) -> Generator[None, Any, None]:
     if protocol.IN_SANDBOX and call.excinfo is not None:
-        _explain_eoverflow(call.excinfo.value)
+        plan = item.stash.get(PLAN_KEY, None)
+        _explain_errors(call.excinfo.value, plan.spec if plan is not None else None)
     yield
+
+
+class Isolation:
+    """What the ``isolation`` fixture gives an isolated test: its limits and its live usage."""
+
+    def __init__(self, spec: SandboxSpec, launcher: Launcher) -> None:
+        self.limits = spec
+        self._launcher = launcher
+
+    def usage(self) -> Any:
+        """Usage so far (cgroup counters, or estimates from rusage without a cgroup)."""
+        return self._launcher.live_usage()
+
+
+@pytest.fixture
+def isolation(request: pytest.FixtureRequest) -> Isolation:
+    """The limits in effect and live usage of this isolated test (``isolation.usage().memory_peak``)."""
+    plan = request.node.stash.get(PLAN_KEY, None)
+    if not protocol.IN_SANDBOX or plan is None:
+        raise pytest.UsageError(
+            f"{request.node.nodeid}: the isolation fixture exists only in isolated tests; "
+            "mark the test with @pytest.mark.isolated (or run with --isolate)"
+        )
+    return Isolation(plan.spec, _state(request.config).launcher)

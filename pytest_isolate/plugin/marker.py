@@ -13,12 +13,11 @@ import pytest
 from ..engine.spec import SandboxSpec, SpecError, build_spec
 
 MARKER = "isolated"
-# Limits (memory, cpus, pids, timeout) are accepted once cgroup enforcement is wired in: until then a
-# marker asking for one is an error, never a silently ignored request.
-MARKER_ARGS = ("net", "hostname", "writable", "user_namespace")
+MARKER_ARGS = ("net", "hostname", "writable", "user_namespace", "memory", "cpus", "pids", "timeout")
 MARKER_HELP = (
-    f"{MARKER}(net='none', hostname='isolated', writable=(), user_namespace=None): run the test, its "
-    "function-scoped fixtures and their teardown in fresh namespaces over a copy-on-write root."
+    f"{MARKER}(net='none', hostname='isolated', writable=(), user_namespace=None, memory=None, cpus=None, "
+    "pids=None, timeout=None): run the test, its function-scoped fixtures and their teardown in fresh "
+    "namespaces over a copy-on-write root, with cgroup limits."
 )
 
 
@@ -39,11 +38,12 @@ def marker_values(item: pytest.Item) -> Optional[dict[str, Any]]:
     return values
 
 
-def item_spec(item: pytest.Item, isolate_all: bool) -> Optional[SandboxSpec]:
+def item_spec(item: pytest.Item, isolate_all: bool, defaults: Optional[SandboxSpec] = None) -> Optional[SandboxSpec]:
     """The item's sandbox spec, or None when the item is not isolated."""
     values = marker_values(item)
     if values is None:
         if not isolate_all:
             return None
         values = {}
-    return build_spec(values, f"from marker on {item.nodeid}", base=str(item.config.rootpath), allowed=MARKER_ARGS)
+    return build_spec(values, f"from marker on {item.nodeid}", base=str(item.config.rootpath), allowed=MARKER_ARGS,
+                      defaults=defaults)

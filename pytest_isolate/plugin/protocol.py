@@ -19,7 +19,7 @@ from _pytest.runner import call_and_report
 
 from ..engine.channel import Channel
 from ..engine.launch import Outcome
-from .reports import describe_status, load_report, make_report, send_report
+from .reports import describe_end, load_report, make_report, send_report
 
 # True in the sandbox's payload process (PID 2); hooks that only matter there check it.
 IN_SANDBOX = False
@@ -115,11 +115,11 @@ def _captured_since_crash(config: pytest.Config) -> list[tuple[str, str]]:
 
 
 def _crash_report(item: pytest.Item, outcome: Outcome, when: str) -> pytest.TestReport:
-    what = describe_status(outcome.status)
-    text = (
-        f"{item.nodeid}: the isolated test process {what} during {when}; "
-        "the sandbox and every process in it were killed and the run continues."
-    )
+    m = outcome.measurement
+    spec = outcome.spec
+    what = describe_end(outcome.status, outcome.timed_out, outcome.wall, m.oom_kills if m else None,
+                        m.memory_peak if m else None, spec.memory if spec else None, spec.timeout if spec else None)
+    text = f"{item.nodeid}: {what} (during {when}); the sandbox and every process in it are gone and the run continues."
     return make_report(item, when, "failed", text, _captured_since_crash(item.config), outcome.wall)
 
 
@@ -158,7 +158,7 @@ def _merge_teardown(sandbox: Optional[pytest.TestReport], outer: pytest.TestRepo
 
 
 def run_item(item: pytest.Item, nextitem: Optional[pytest.Item], start: Callable[[Callable[[Channel], int]], Outcome],
-             hint: Callable[[Any], str]) -> None:
+             hint: Callable[[Any], str], decorate: Callable[[list[pytest.TestReport], Outcome], None]) -> None:
     """The whole protocol for one isolated item; logs its reports like ``runtestprotocol``."""
     ihook = item.ihook
     log = ihook.pytest_runtest_logreport
@@ -171,9 +171,12 @@ def run_item(item: pytest.Item, nextitem: Optional[pytest.Item], start: Callable
     reports = child_reports(item, outcome, hint)
     reports[0].sections = list(setup.sections) + list(reports[0].sections)
     sandbox_teardown = reports.pop() if reports[-1].when == "teardown" else None
+    decorate(reports, outcome)
     for report in reports:
         log(report=report)
     for record in outcome.records:
         if record["kind"] == "warning":
             _replay_warning(record)
-    log(report=_merge_teardown(sandbox_teardown, _outer_teardown(item, nextitem)))
+    teardown = _merge_teardown(sandbox_teardown, _outer_teardown(item, nextitem))
+    decorate([teardown], outcome)
+    log(report=teardown)

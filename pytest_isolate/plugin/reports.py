@@ -43,6 +43,34 @@ def describe_status(status: Optional[int]) -> str:
     return f"exited with status {os.WEXITSTATUS(status)}"
 
 
+def human_bytes(value: Optional[float]) -> str:
+    """1536 -> '1.5 KiB': binary units, as the limits are written."""
+    if value is None:
+        return "?"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(value) < 1024 or unit == "GiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} TiB"
+
+
+def describe_end(status: Optional[int], timed_out: bool, wall: float, oom_kills: Optional[float], memory_peak: Optional[float],
+                 memory: Optional[int], timeout: Optional[float]) -> str:
+    """Why a sandbox's test process ended early, in the terms of its limits."""
+    import os
+    import sys
+
+    if timed_out:
+        return (f"Timeout: the isolated test ran for {wall:.2f} s, over its limit of timeout={timeout:g} s; "
+                "the whole sandbox (every process in it) was killed")
+    killed = status is not None and os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
+    if oom_kills and killed:
+        name = os.path.basename(sys.executable)
+        return (f"OOM-killed: memory limit {human_bytes(memory)} reached (peak {human_bytes(memory_peak)}); "
+                f"killed pid 2 ({name}), the test process")
+    return f"the isolated test process {describe_status(status)}"
+
+
 def make_report(
     item: pytest.Item,
     when: str,
