@@ -29,6 +29,9 @@ def why_and_fix(feature: Feature) -> tuple[str, str]:
                 "upgrade the kernel, run as root, or install fuse-overlayfs (apt-get install fuse-overlayfs)")
     if feature.name == "tmpfs upper layer":
         return ("tmpfs holds user xattrs only from kernel 6.6", "nothing to do: upper layers go to disk under /var/tmp and /tmp")
+    if feature.name == "cgroup limits":
+        cause, _, fix = feature.detail.partition(" Fix: ")
+        return (cause, fix or "run as root, or on cgroup v2: systemd-run --user --scope -p Delegate=yes pytest ...")
     if feature.name == "fuse-overlayfs":
         return ("optional", "apt-get install fuse-overlayfs")
     return ("unknown", "see the detail")

@@ -53,3 +53,15 @@ def run(pytester: pytest.Pytester, isolation_works: None) -> Runner:
         return pytester.runpytest_subprocess("-W", "error", "-p", "no:cacheprovider", *args, timeout=timeout)
 
     return run
+
+
+@pytest.fixture
+def cgroups_ok(host_caps: dict[str, Any]) -> bool:
+    """Whether limits can be enforced here; where not (rootless on cgroup v1), the refusal is tested."""
+    return bool(next(f for f in host_caps["features"] if f["name"] == "cgroup limits")["ok"])
+
+
+def read_json(path: Any) -> dict[str, Any]:
+    with open(path) as f:
+        data: dict[str, Any] = json.load(f)
+    return data

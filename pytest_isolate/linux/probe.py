@@ -175,6 +175,16 @@ def _hostname_probe(userns: bool) -> str:
     return "settable"
 
 
+def _cgroup_feature() -> Feature:
+    """Limits and exact accounting need writable (delegated) cgroups; isolation works without."""
+    from .cgroups import detect
+
+    driver = detect()
+    ok, reason = driver.available()
+    detail = reason if reason.startswith("cgroup") else f"cgroup {driver.name}: {reason}"
+    return Feature("cgroup limits", ok, detail, None, required=False)
+
+
 def probe(lower: str = "/usr") -> Capabilities:
     """Try every feature the sandbox needs, each in its own child process (a few ms in all)."""
     userns = os.getuid() != 0
@@ -186,4 +196,5 @@ def probe(lower: str = "/usr") -> Capabilities:
     features.append(_named("tmpfs upper layer", lambda: _tmpfs_xattr_probe(userns), required=False))
     fuse = shutil.which("fuse-overlayfs")
     features.append(Feature("fuse-overlayfs", bool(fuse), fuse or "not installed", None, required=False))
+    features.append(_cgroup_feature())
     return Capabilities(root=not userns, kernel=os.uname().release, features=tuple(features))
