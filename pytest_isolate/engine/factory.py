@@ -240,6 +240,7 @@ class Factory:
         self.proc = subprocess.Popen(
             [sys.executable, "-I", "-S", "-c", code],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1, close_fds=True,
+            start_new_session=True,  # a terminal's Ctrl-C goes to pytest, which decides; never to the inits
         )
         self.next_id = 0
         self.answers: dict[int, dict[str, Any]] = {}

@@ -218,6 +218,9 @@ class Launcher:
         return self.session, self.cgroup_problem
 
     def _factory(self) -> Factory:
+        if self.factory is not None and self.factory.proc.poll() is not None:
+            self.factory.close()  # it died (killed from outside?): start afresh, forget what it was building
+            self.factory, self.pending = None, None
         if self.factory is None:
             self.factory = Factory()
         return self.factory
