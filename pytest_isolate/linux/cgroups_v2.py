@@ -29,6 +29,9 @@ from pytest_isolate.linux import cgroups as cg
 from pytest_isolate.linux.cgroups import CgroupError, CgroupFs, Leaf, Limits, Session, Usage
 
 SUPERVISOR = cg.PREFIX + "supervisor"
+ENABLE_ORDER = ("memory", "io", "cpu", "pids")
+"""Domain controllers first: enabling a threaded one (cpu, pids) in a cgroup that still has
+processes would make it a thread root, where memory and io can never be enabled."""
 USAGE_FILES = ("memory.peak", "memory.current", "memory.events", "cpu.stat", "pids.peak", "io.stat")
 
 FIX_DELEGATE = (
@@ -238,13 +241,12 @@ def _enabled(fs: CgroupFs, path: str) -> frozenset[str]:
 def _wanted(fs: CgroupFs, path: str) -> list[str]:
     """Our controllers that ``path`` has but does not yet enable for its children."""
     have = (cg.read_optional(fs, os.path.join(path, "cgroup.controllers")) or "").split()
-    return sorted(cg.CONTROLLERS.intersection(have) - _enabled(fs, path))
+    return [c for c in ENABLE_ORDER if c in have and c not in _enabled(fs, path)]
 
 
 def _enable(fs: CgroupFs, path: str) -> None:
-    """Enable each wanted controller on its own, so one refusal (say ``cpu`` while a
-    realtime process exists) costs only that controller.  EBUSY (processes in ``path``)
-    propagates: the caller must move them out first."""
+    """Enable each wanted controller on its own, so one refusal costs only that controller.
+    EBUSY (processes in ``path``) propagates: the caller must move them out first."""
     for controller in _wanted(fs, path):
         try:
             fs.write(os.path.join(path, "cgroup.subtree_control"), f"+{controller}")
@@ -276,15 +278,21 @@ def enable_ancestors(fs: CgroupFs, root: str, own: str) -> None:
 
 
 def enable_in_own(fs: CgroupFs, own: str, attempts: int = 5) -> None:
-    """Enable the controllers in ``<own>``, moving its processes to the supervisor leaf
-    when the kernel refuses because of them (new ones may appear meanwhile: retry)."""
+    """Enable the controllers in ``<own>`` after moving its processes to the supervisor leaf.
+
+    Evacuate first, not on EBUSY: the threaded controllers (cpu, pids) can be enabled in a
+    cgroup that has processes, which turns it into a thread root where the domain ones
+    (memory, io) then fail with EOPNOTSUPP.  The root cgroup may keep its processes.  A
+    process appearing meanwhile makes a domain controller fail with EBUSY: evacuate again.
+    """
     for _ in range(attempts):
+        if _wanted(fs, own) and fs.exists(os.path.join(own, "cgroup.type")) and cg.pids_in(fs, [own]):
+            evacuate(fs, own)
         try:
             _enable(fs, own)
             return
         except OSError as e:
             last = e
-        evacuate(fs, own)
     raise CgroupError(
         f"cannot enable controllers in {own}/cgroup.subtree_control: {last.strerror} "
         f"(processes keep appearing in {own}). Fix: {FIX_DELEGATE}"

@@ -102,7 +102,10 @@ class FakeFs(cg.CgroupFs):
             controller = token[1:]
             if controller not in _words(directory, "cgroup.controllers"):
                 raise OSError(errno.ENOENT, "No such file or directory")
-            if token[0] == "+" and _procs(directory) and directory != self.root:
+            threaded_root = _procs(directory) and set(enabled) & {"cpu", "pids"}
+            if token[0] == "+" and controller in ("memory", "io") and threaded_root:
+                raise OSError(errno.EOPNOTSUPP, "thread root: no domain controllers")
+            if token[0] == "+" and controller in ("memory", "io") and _procs(directory) and directory != self.root:
                 raise OSError(errno.EBUSY, "Device or resource busy")
             enabled = enabled + [controller] if token[0] == "+" else [c for c in enabled if c != controller]
         Path(directory, "cgroup.subtree_control").write_text(" ".join(sorted(set(enabled))) + "\n")
@@ -188,7 +191,7 @@ def v2tree(tmp_path: Path) -> tuple[FakeFs, Path, Path]:
     root.mkdir()
     (root / "cgroup.controllers").write_text("cpuset cpu io memory hugetlb pids rdma misc\n")
     (root / "cgroup.subtree_control").write_text("cpu io memory pids\n")
-    (root / "cgroup.procs").write_text("1\n")
+    (root / "cgroup.procs").write_text("1\n")  # the root cgroup has no cgroup.type
     fs = FakeFs(root, "v2")
     fs.mkdir(str(root / "system.slice"))
     fs.write(str(root / "system.slice" / "cgroup.subtree_control"), "+cpu +io +memory +pids")
