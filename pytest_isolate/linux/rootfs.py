@@ -99,8 +99,8 @@ class _Builder:
         dst = NEW + (target or path)
         if os.path.isdir(OLD + path):
             os.makedirs(dst, exist_ok=True)
-        else:
-            open(dst, "a").close()
+        else:  # no text-mode open(): after pivot_root a codec lookup could not import anything
+            os.close(os.open(dst, os.O_CREAT | os.O_WRONLY, 0o644))
         libc.mount(OLD + path, dst, None, libc.MS_BIND | libc.MS_REC)
 
     def readonly_file(self, path: str) -> None:
