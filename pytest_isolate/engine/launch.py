@@ -191,6 +191,31 @@ class Launcher:
         self.session: Optional[Session] = None
         self.cgroup_problem = ""
         self.current: Optional[tuple[Optional[Leaf], float]] = None  # the running sandbox's leaf, start
+        # cgroup work kept off the critical path: done while a payload runs and we only wait
+        self.spare: Optional[tuple[Limits, Leaf]] = None  # a leaf made ahead for the next test
+        self.retired: list[Leaf] = []  # leaves whose usage is read, to remove
+
+    def _leaf(self, session: Session, limits: Limits) -> Leaf:
+        if self.spare is not None:
+            made_for, leaf = self.spare
+            self.spare = None
+            if made_for == limits:
+                return leaf
+            self.retired.append(leaf)
+        return session.new_leaf(limits)
+
+    def _prepare_leaf(self, plan: Plan) -> None:
+        session = self.session
+        limits = Limits(plan.spec.memory, plan.spec.cpus, plan.spec.pids)
+        if session is not None and self.spare is None:
+            try:
+                self.spare = (limits, session.new_leaf(limits))
+            except CgroupError:
+                pass  # made again on the critical path, where its error reaches the test
+
+    def _remove_retired(self) -> None:
+        while self.retired:
+            self.retired.pop().remove()
 
     def live_usage(self) -> Measurement:
         """In a payload: its sandbox's usage so far (cgroup counters, or rusage estimates)."""
@@ -227,6 +252,7 @@ class Launcher:
 
     def prepare(self, plan: Plan) -> None:
         """Have the sandbox for ``plan`` built while something else runs (e.g. the current test)."""
+        self._prepare_leaf(plan)
         if self.pending is not None and self.pending[0] == plan.key:
             return
         self.drop_pending()
@@ -276,12 +302,12 @@ class Launcher:
         leaf: Optional[Leaf] = None
         try:
             if session is not None:
-                leaf = session.new_leaf(Limits(plan.spec.memory, plan.spec.cpus, plan.spec.pids))
+                leaf = self._leaf(session, Limits(plan.spec.memory, plan.spec.cpus, plan.spec.pids))
             sandbox = self._take(plan)
         except (SetupFailure, CgroupError) as exc:
             outcome.setup_error = exc if isinstance(exc, SetupFailure) else SetupFailure("cgroup limits", None, str(exc))
             if leaf is not None:
-                leaf.remove()
+                self.retired.append(leaf)
             return outcome
         outcome.limited = leaf is not None
         try:
@@ -289,7 +315,7 @@ class Launcher:
         finally:
             if leaf is not None:
                 outcome.measurement = from_cgroup(leaf.usage(), outcome.wall)
-                leaf.remove()
+                self.retired.append(leaf)  # removed while the next payload runs (or at close)
             else:
                 outcome.measurement = from_rusage(outcome.rusage, outcome.wall)
         return outcome
@@ -305,6 +331,7 @@ class Launcher:
             for fd in fds.values():
                 os.close(fd)
         try:
+            self._remove_retired()  # we only wait for the payload now: do the deferred cgroup work
             if after_start is not None:
                 after_start()
             timeout = plan.spec.timeout
@@ -338,6 +365,10 @@ class Launcher:
             outcome.status = None
 
     def close(self) -> None:
+        if self.spare is not None:
+            self.retired.append(self.spare[1])
+            self.spare = None
+        self._remove_retired()
         self.drop_pending()
         if self.factory is not None:
             self.factory.close()
