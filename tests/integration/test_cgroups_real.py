@@ -24,7 +24,7 @@ from typing import Any
 
 import pytest
 
-MUST_WORK = os.environ.get("PYTEST_ISOLATE_MUST_WORK") == "1"
+from conftest import need
 REPO = Path(__file__).resolve().parents[2]
 CGROUP_ROOT = "/sys/fs/cgroup"
 
@@ -66,15 +66,6 @@ def result(**kw):
 
 driver = detect()
 """
-
-
-def need(condition: bool, feature: str) -> None:
-    """Skip naming the missing feature, or fail under PYTEST_ISOLATE_MUST_WORK=1."""
-    if condition:
-        return
-    if MUST_WORK:
-        pytest.fail(f"{feature} is required here (PYTEST_ISOLATE_MUST_WORK=1) but missing")
-    pytest.skip(f"host lacks {feature}")
 
 
 def launcher_command(launcher: str) -> list[str]:
