@@ -91,8 +91,9 @@ def _open_namespaces(init: int) -> dict[str, int]:
 
 
 def _join(fds: dict[str, int], plan: Plan) -> None:
+    """Join the namespaces in ``fds`` (of those in JOIN_ORDER), then the sandbox's cwd."""
     for name, flag in JOIN_ORDER:
-        if name == "net" and plan.spec.net != "none":
+        if name not in fds or (name == "net" and plan.spec.net != "none"):
             continue
         libc.setns(fds[name], flag)
     try:
@@ -112,18 +113,18 @@ def _join_cgroups(files: tuple[str, ...]) -> None:
             f.write("0\n")  # "0" means the writing process
 
 
-def _payload(plan: Plan, chan: Channel, target: Callable[[Channel], int], fds: Optional[dict[str, int]],
+def _payload(plan: Plan, chan: Channel, target: Callable[[Channel], int], fds: dict[str, int],
              procs: tuple[str, ...]) -> NoReturn:
-    """PID 2: die with the supervisor, join what is left to join, run ``target``, exit with its code."""
+    """PID 2: die with the supervisor, join its cgroup leaf (from the host's cgroup namespace) and
+    the namespaces left to join (root: all; rootless: the cgroup one), run ``target``, exit."""
     code = 1
     try:
         libc.prctl(libc.PR_SET_PDEATHSIG, signal.SIGKILL)
         os.setpgid(0, 0)  # a terminal's Ctrl-C reaches the supervisor only; it decides
-        if fds is not None:  # root: join the cgroup from the host's view, then the namespaces
-            _join_cgroups(procs)
-            _join(fds, plan)
-            for fd in fds.values():
-                os.close(fd)
+        _join_cgroups(procs)
+        _join(fds, plan)
+        for fd in fds.values():
+            os.close(fd)
     except BaseException as exc:
         _fail_early(chan, "setns", exc)
     try:
@@ -142,20 +143,25 @@ def _payload(plan: Plan, chan: Channel, target: Callable[[Channel], int], fds: O
 
 
 def _relay(plan: Plan, chan: Channel, target: Callable[[Channel], int], fds: dict[str, int], procs: tuple[str, ...]) -> NoReturn:
-    """Rootless: join the user namespace first (gaining its capabilities), then the rest, then fork PID 2."""
+    """Rootless: join the user namespace first (gaining its capabilities), then the rest, then fork PID 2.
+
+    The relay stays out of the test's cgroup leaf — with memory.oom.group an OOM kill takes every
+    process in the leaf, and the relay must live to report PID 2's exit status — so PID 2 joins the
+    leaf itself, and only then the cgroup namespace (after which the leaf would be out of its view).
+    """
     try:
         libc.prctl(libc.PR_SET_PDEATHSIG, signal.SIGKILL)
-        _join_cgroups(procs)  # before the user namespace, where cgroupfs is ours
         libc.setns(fds["user"], libc.CLONE_NEWUSER)
-        _join(fds, plan)
+        _join({k: v for k, v in fds.items() if k != "cgroup"}, plan)
         libc.setns(fds["pid"], libc.CLONE_NEWPID)
-        for fd in fds.values():
-            os.close(fd)
+        for name, fd in fds.items():
+            if name != "cgroup":
+                os.close(fd)
     except BaseException as exc:
         _fail_early(chan, "setns", exc)
     pid = os.fork()
     if pid == 0:
-        _payload(plan, chan, target, None, ())
+        _payload(plan, chan, target, {"cgroup": fds["cgroup"]}, procs)
     _, status = os.waitpid(pid, 0)
     chan.send("exit", status=status)
     os._exit(0)
