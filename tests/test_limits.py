@@ -167,3 +167,33 @@ def test_unavailable_policy_skip_and_degrade(pytester: pytest.Pytester, run: Run
     degraded = run("--isolate-unavailable=degrade", "-W", "default::pytest.PytestWarning")
     degraded.assert_outcomes(passed=1, warnings=1)
     degraded.stdout.fnmatch_lines(["*IsolationDegradedWarning*cannot be enforced*running with less isolation*"])
+
+
+def test_pytest_timeout_applies_to_every_isolated_test_and_func_only(pytester: pytest.Pytester, run: Runner) -> None:
+    """The plan of the next test is made early (to build its sandbox ahead): its timeout must still count."""
+    pytest.importorskip("pytest_timeout")
+    pytester.makeini("[pytest]\ntimeout_func_only = true\n")
+    pytester.makepyfile(
+        """
+        import time, pytest
+        pytestmark = [pytest.mark.isolated, pytest.mark.timeout(1)]
+
+        def test_first():
+            time.sleep(30)
+
+        def test_second():
+            time.sleep(30)
+        """
+    )
+    result = run()
+    result.assert_outcomes(failed=2)
+    assert result.duration < 25
+
+
+def test_degrade_under_warnings_as_errors_fails_the_test_not_the_run(pytester: pytest.Pytester, run: Runner, cgroups_ok: bool) -> None:
+    if cgroups_ok:
+        pytest.skip("limits are enforceable here; the refusal cell is rootless cgroup v1 (CI's rootless run)")
+    pytester.makepyfile(OOM.replace("while True", "for _ in range(2)") + "\ndef test_other():\n    pass\n")
+    result = run("--isolate-unavailable=degrade")  # run() passes -W error
+    result.assert_outcomes(errors=1, passed=1)
+    result.stdout.fnmatch_lines(["*IsolationDegradedWarning*cannot be enforced*"])

@@ -66,7 +66,7 @@ def test_policy_when_isolation_is_unavailable(pytester: pytest.Pytester, refused
         result.stdout.fnmatch_lines(["*pytest-isolate: isolation is not available on this host (missing: *)*doctor*",
                                      "*--isolate-unavailable=skip or =degrade*"])
     elif policy == "skip":
-        result.stdout.fnmatch_lines(["*Skipped: pytest-isolate: isolation is not available on this host*"])
+        result.stdout.fnmatch_lines(["SKIPPED*pytest-isolate: isolation is not available on this host*"])
     else:
         result.stdout.fnmatch_lines(["*IsolationDegradedWarning*isolation is not available*running with less isolation*"])
     result.stdout.fnmatch_lines(["isolate: *NOT available here (missing: *)*doctor*"])

@@ -26,9 +26,8 @@ def in_container() -> bool:
 
 
 CONTAINER_FIX = (
-    "inside Docker/Podman, start the container with "
-    "--security-opt seccomp=unconfined --security-opt apparmor=unconfined --security-opt systempaths=unconfined "
-    "(or --privileged)"
+    "start the container with --security-opt seccomp=unconfined --security-opt apparmor=unconfined "
+    "--security-opt systempaths=unconfined (Docker) or --security-opt unmask=ALL (Podman), or with --privileged"
 )
 
 
@@ -70,6 +69,7 @@ def _cause_and_fix(failure: SetupFailure) -> tuple[str, str]:
             return ("the kernel refused an overlay mount in this namespace",
                     "use a kernel >= 5.11 (overlayfs in user namespaces), or run as root, or install fuse-overlayfs")
         return ("a mount in the sandbox's mount namespace was refused", CONTAINER_FIX if in_container() else "run as root")
-    if step == "join cgroup":
-        return ("the test's cgroup cannot be joined", "see `python -m pytest_isolate doctor` (cgroups)")
+    if step == "cgroup limits":
+        cause, _, fix = failure.message.partition(" Fix: ")
+        return (cause, fix or "see `python -m pytest_isolate doctor` (cgroup limits)")
     return ("an unexpected error while building the sandbox", "report it with the output of `python -m pytest_isolate doctor`")

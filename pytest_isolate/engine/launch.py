@@ -157,9 +157,9 @@ def _relay(plan: Plan, chan: Channel, target: Callable[[Channel], int], fds: dic
         for name, fd in fds.items():
             if name != "cgroup":
                 os.close(fd)
+        pid = os.fork()
     except BaseException as exc:
         _fail_early(chan, "setns", exc)
-    pid = os.fork()
     if pid == 0:
         _payload(plan, chan, target, {"cgroup": fds["cgroup"]}, procs)
     _, status = os.waitpid(pid, 0)
@@ -284,26 +284,31 @@ class Launcher:
         if plan.userns:
             pid = os.fork()
             if pid == 0:
-                _relay(plan, chan, target, fds, procs)
+                try:
+                    _relay(plan, chan, target, fds, procs)
+                finally:
+                    os._exit(125)  # never let an exception climb into the forked copy of the caller
             return pid
         libc.setns(fds["pid"], libc.CLONE_NEWPID)  # our children are born in the sandbox: PID 2
         try:
             pid = os.fork()
             if pid == 0:
-                _payload(plan, chan, target, fds, procs)
+                try:
+                    _payload(plan, chan, target, fds, procs)
+                finally:
+                    os._exit(125)
         finally:
             libc.setns(self.own_pid_ns, libc.CLONE_NEWPID)
         return pid
 
     def launch(self, plan: Plan, target: Callable[[Channel], int], after_start: Optional[Callable[[], None]] = None,
-               limited: bool = True) -> Outcome:
-        """Run ``target`` as PID 2 of a sandbox for ``plan``; wait (with ``plan.spec.timeout``).
+               limited: bool = True, timeout: Optional[float] = None) -> Outcome:
+        """Run ``target`` as PID 2 of a sandbox for ``plan``; wait (with ``timeout``, default the spec's).
 
         With ``limited`` (and a cgroup session) the payload runs in a fresh leaf holding the spec's
         limits, and the outcome's measurement comes from it; otherwise from rusage (estimates).
         """
-        outcome = Outcome(spec=plan.spec)
-        start = time.monotonic()
+        outcome = Outcome(spec=plan.spec if timeout is None else plan.spec.merged(timeout=timeout))
         session, _ = self.cgroups() if limited else (None, "")
         leaf: Optional[Leaf] = None
         try:
@@ -317,7 +322,7 @@ class Launcher:
             return outcome
         outcome.limited = leaf is not None
         try:
-            self._supervise(plan, target, after_start, sandbox, leaf, outcome, start)
+            self._supervise(plan, target, after_start, sandbox, leaf, outcome)
         finally:
             if leaf is not None:
                 outcome.measurement = from_cgroup(leaf.usage(), outcome.wall)
@@ -327,9 +332,10 @@ class Launcher:
         return outcome
 
     def _supervise(self, plan: Plan, target: Callable[[Channel], int], after_start: Optional[Callable[[], None]],
-                   sandbox: Prepared, leaf: Optional[Leaf], outcome: Outcome, start: float) -> None:
+                   sandbox: Prepared, leaf: Optional[Leaf], outcome: Outcome) -> None:
         chan = Channel()
         fds = _open_namespaces(sandbox.init)
+        start = time.monotonic()  # the test's clock (timeout, wall) starts now, not while its sandbox was built
         self.current = (leaf, start)  # what the payload's live_usage() reads (fork copies it)
         try:
             pid = self._fork(plan, chan, target, fds, leaf.procs_files() if leaf is not None else ())
@@ -340,7 +346,7 @@ class Launcher:
             self._remove_retired()  # we only wait for the payload now: do the deferred cgroup work
             if after_start is not None:
                 after_start()
-            timeout = plan.spec.timeout
+            timeout = outcome.spec.timeout if outcome.spec is not None else None
             if not _wait(pid, None if timeout is None else start + timeout):
                 outcome.timed_out = True
                 _kill(sandbox.init)

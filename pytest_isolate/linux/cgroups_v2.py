@@ -399,9 +399,9 @@ class V2Driver(cg.Driver):
         if self.delegated(own):
             return None
         if self.fs.read_only(self.root):
-            return f"the cgroup filesystem at {self.root} is mounted read-only (a container?). {FIX_RO}"
+            return f"the cgroup filesystem at {self.root} is mounted read-only (a container?). Fix: {FIX_RO}"
         if self.euid == 0:
-            return f"{own} is not writable although we are root. {FIX_RO}"
+            return f"{own} is not writable although we are root. Fix: {FIX_RO}"
         return self._try_scope(own)
 
     def _try_scope(self, own: str) -> Optional[str]:

@@ -26,7 +26,6 @@ from .summary import Recorder, terminal_summary
 
 SPEC_KEY = pytest.StashKey[Optional[SandboxSpec]]()
 PLAN_KEY = pytest.StashKey[Plan]()
-TIMEOUT_KEY = pytest.StashKey[float]()
 ISOLATE_HELP = "isolate every test of the run as if it were marked @pytest.mark.isolated"
 EOVERFLOW_HINT = (
     "pytest-isolate: this file or directory is owned by a user that is not mapped in the rootless sandbox "
@@ -146,11 +145,32 @@ def _plan(item: pytest.Item, spec: SandboxSpec) -> Plan:
         host = current_host()
         basetemp = str(item.config._tmp_path_factory.getbasetemp())  # type: ignore[attr-defined]
         bases = disk_upper_dirs() if host.needs_disk_upper(spec) else ()
-        timeout = item.stash.get(TIMEOUT_KEY, None)
-        if timeout is not None and (spec.timeout is None or timeout < spec.timeout):
-            spec = spec.merged(timeout=timeout)
         item.stash[PLAN_KEY] = host.plan(spec, cwd=os.getcwd(), writable=(basetemp,), upper_bases=bases)
     return item.stash[PLAN_KEY]
+
+
+def _pytest_timeout(item: pytest.Item) -> Optional[float]:
+    """pytest-timeout's timeout for the item (marker, else its option or ini key), if it is installed."""
+    config = item.config
+    if not config.pluginmanager.hasplugin("timeout"):
+        return None
+    mark = item.get_closest_marker("timeout")
+    value: Any = None
+    if mark is not None:
+        value = mark.args[0] if mark.args else mark.kwargs.get("timeout")
+    else:
+        value = config.getoption("timeout", None) or config.getini("timeout")
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError):
+        return None
+    return seconds if seconds > 0 else None
+
+
+def _effective_timeout(item: pytest.Item, spec: SandboxSpec) -> Optional[float]:
+    """The sooner of the spec's timeout and pytest-timeout's, both enforced by our supervisor."""
+    found = [t for t in (spec.timeout, _pytest_timeout(item)) if t is not None]
+    return min(found) if found else None
 
 
 def _limits(spec: SandboxSpec) -> str:
@@ -167,8 +187,10 @@ def _starter(item: pytest.Item, nextitem: Optional[pytest.Item], spec: SandboxSp
         if nextitem is not None and upcoming is not None:
             launcher.prepare(_plan(nextitem, upcoming))
 
+    timeout = _effective_timeout(item, spec)
+
     def start(target: Callable[[Channel], int]) -> Outcome:
-        return launcher.launch(plan, target, after_start=order_next, limited=limited)
+        return launcher.launch(plan, target, after_start=order_next, limited=limited, timeout=timeout)
 
     return start
 
@@ -231,7 +253,11 @@ def pytest_runtest_protocol(item: pytest.Item, nextitem: Optional[pytest.Item]) 
         if policy != "degrade":
             _refuse(item, reason, policy)
             return True
-        warnings.warn(IsolationDegradedWarning(f"{item.nodeid}: {reason}; running with less isolation"))
+        try:
+            warnings.warn(IsolationDegradedWarning(f"{item.nodeid}: {reason}; running with less isolation"))
+        except Warning as error:  # -W error: the degraded run becomes this test's failure, not an INTERNALERROR
+            _refuse(item, f"{type(error).__name__}: {error}", "fail")
+            return True
         if not state.caps.full:
             return None  # run it as a plain test: nothing to sandbox with
         limited = False
@@ -272,12 +298,7 @@ def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> Non
 def pytest_timeout_set_timer(item: pytest.Item, settings: Any) -> Optional[bool]:
     """pytest-timeout's own hook: an isolated test's timeout is enforced by our supervisor, which
     kills the whole sandbox, never by a signal in the pytest process."""
-    if item.stash.get(SPEC_KEY, None) is None:
-        return None
-    timeout = getattr(settings, "timeout", None)
-    if timeout and not protocol.IN_SANDBOX:
-        item.stash[TIMEOUT_KEY] = float(timeout)
-    return True
+    return True if item.stash.get(SPEC_KEY, None) is not None else None
 
 
 @pytest.hookimpl(optionalhook=True)

@@ -44,9 +44,10 @@ class Recorder:
             json.dump({"header": header, "tests": list(self.records.values())}, f, indent=2)
             f.write("\n")
 
-    def top(self, key: str, count: int) -> list[dict[str, Any]]:
-        ranked = [r for r in self.records.values() if r["usage"].get(key) is not None]
-        ranked.sort(key=lambda r: -float(r["usage"][key]))
+    def top(self, keys: tuple[str, ...], count: int) -> list[dict[str, Any]]:
+        """The records with the largest sum of ``keys`` (e.g. user + system CPU), largest first."""
+        ranked = [r for r in self.records.values() if any(r["usage"].get(k) is not None for k in keys)]
+        ranked.sort(key=lambda r: -sum(float(r["usage"].get(k) or 0) for k in keys))
         return ranked if count == 0 else ranked[:count]
 
 
@@ -62,8 +63,8 @@ def terminal_summary(terminal: Any, recorder: Recorder, count: Optional[int]) ->
     """Like ``--durations``: the tests that used the most, and how to see the rest."""
     if count is None or not recorder.records:
         return
-    for key, title in (("memory_peak_bytes", "peak memory"), ("cpu_user_s", "CPU time")):
-        rows = recorder.top(key, count)
+    for keys, title in ((("memory_peak_bytes",), "peak memory"), (("cpu_user_s", "cpu_system_s"), "CPU time")):
+        rows = recorder.top(keys, count)
         terminal.write_sep("=", f"isolate: {'all' if count == 0 else f'top {len(rows)}'} by {title}")
         for record in rows:
             terminal.write_line(_line(record))

@@ -59,3 +59,8 @@ def test_writable_resolves_relative_to_base(tmp_path: "object") -> None:
     assert spec.writable == (str((base / "data").resolve()),)
     with pytest.raises(SpecError, match="is not an existing directory"):
         build_spec({"writable": ["nope"]}, "here", base=str(base))
+
+
+@pytest.mark.parametrize("text", ["256mb", "256MB", "256mB", "256m", "256M", "256MiB"])
+def test_size_suffix_b_in_any_case(text: str) -> None:
+    assert parse_size(text, "memory", "here") == 256 * 2**20
