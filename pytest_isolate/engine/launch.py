@@ -72,8 +72,7 @@ class Outcome:
     wall: float = 0.0
     rusage: Optional[resource.struct_rusage] = None
     records: list[dict[str, Any]] = field(default_factory=list)
-    measurement: Optional[Measurement] = None
-    limited: bool = False  # the spec's limits were enforced by a cgroup
+    measurement: Optional[Measurement] = None  # its source says whether a cgroup counted it
     spec: Optional[SandboxSpec] = None
 
     @property
@@ -320,7 +319,6 @@ class Launcher:
             if leaf is not None:
                 self.retired.append(leaf)
             return outcome
-        outcome.limited = leaf is not None
         try:
             self._supervise(plan, target, after_start, sandbox, leaf, outcome)
         finally:

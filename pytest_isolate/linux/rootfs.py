@@ -36,7 +36,6 @@ class RootOptions:
     # upper inside its own lower ("overlapping layers"), so each overlay takes the first base that
     # is not below its lower directory: give two bases in different trees.
     upper_bases: tuple[str, ...] = ()
-    proc: bool = True
 
 
 def _escape(path: str) -> str:
@@ -127,8 +126,7 @@ class _Builder:
             os.symlink(s.target, NEW + s.path)
         elif s.action == "proc":
             os.makedirs(NEW + s.path, exist_ok=True)
-            if self.opts.proc:
-                libc.mount("proc", NEW + s.path, "proc", libc.MS_NOSUID | libc.MS_NODEV | libc.MS_NOEXEC)
+            libc.mount("proc", NEW + s.path, "proc", libc.MS_NOSUID | libc.MS_NODEV | libc.MS_NOEXEC)
         else:
             raise ValueError(f"unknown root step {s.action!r}")
 
