@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 from . import libc
+from .cgroups import Driver, detect
 from .net import loopback_up
 from .userns import write_identity_maps
 
@@ -175,18 +176,20 @@ def _hostname_probe(userns: bool) -> str:
     return "settable"
 
 
-def _cgroup_feature() -> Feature:
+def _cgroup_feature(driver: Optional[Driver]) -> Feature:
     """Limits and exact accounting need writable (delegated) cgroups; isolation works without."""
-    from .cgroups import detect
-
-    driver = detect()
+    driver = driver or detect()
     ok, reason = driver.available()
     detail = reason if reason.startswith("cgroup") else f"cgroup {driver.name}: {reason}"
     return Feature("cgroup limits", ok, detail, None, required=False)
 
 
-def probe(lower: str = "/usr") -> Capabilities:
-    """Try every feature the sandbox needs, each in its own child process (a few ms in all)."""
+def probe(lower: str = "/usr", cgroups: Optional[Driver] = None) -> Capabilities:
+    """Try every feature the sandbox needs, each in its own child process (a few ms in all).
+
+    ``cgroups``: the session's driver, so that its (cached, possibly process-moving) availability
+    check is done once; detected afresh when not given.
+    """
     userns = os.getuid() != 0
     features = _namespace_features(userns)
     features.append(_named("loopback network", lambda: _loopback_probe(userns)))
@@ -196,5 +199,5 @@ def probe(lower: str = "/usr") -> Capabilities:
     features.append(_named("tmpfs upper layer", lambda: _tmpfs_xattr_probe(userns), required=False))
     fuse = shutil.which("fuse-overlayfs")
     features.append(Feature("fuse-overlayfs", bool(fuse), fuse or "not installed", None, required=False))
-    features.append(_cgroup_feature())
+    features.append(_cgroup_feature(cgroups))
     return Capabilities(root=not userns, kernel=os.uname().release, features=tuple(features))

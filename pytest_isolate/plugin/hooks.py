@@ -53,7 +53,7 @@ class State:
     @property
     def caps(self) -> Capabilities:
         if self._caps is None:
-            self._caps = probe()
+            self._caps = probe(cgroups=self.driver)
         return self._caps
 
     @property
