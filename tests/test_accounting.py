@@ -55,9 +55,12 @@ def test_figures_and_channels(pytester: pytest.Pytester, run: Runner, cgroups_ok
     assert float(props["test_hundred_mib"]["isolate.memory_peak_bytes"]) >= 100 * 2**20
     assert "isolate.cpu_user_s" in props["test_one_cpu_second"]
     assert props["test_plain"] == {}
+    # the CPU ranking follows the measured figures: on a slow VM touching 100 MiB can cost more CPU
+    # time than the 1 s spin
+    busiest = max(tests, key=lambda name: tests[name]["usage"]["cpu_user_s"] + tests[name]["usage"]["cpu_system_s"])
     result.stdout.fnmatch_lines(
         ["*isolate: top 1 by peak memory*", "*MiB*test_hundred_mib*", "(1 more isolated tests; use --isolate-top=0 to show all)",
-         "*isolate: top 1 by CPU time*", "*test_one_cpu_second*"]
+         "*isolate: top 1 by CPU time*", f"*{busiest}*"]
     )
 
 
