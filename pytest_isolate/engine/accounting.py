@@ -61,3 +61,14 @@ def from_rusage(rusage: Optional[resource.struct_rusage], wall: float) -> Measur
     sources = {name: "estimate" for name in values}
     sources["wall"] = "wall clock"
     return Measurement(values, sources)
+
+
+def human_bytes(value: Optional[float]) -> str:
+    """1536 -> '1.5 KiB': binary units, as the limits are written."""
+    if value is None:
+        return "?"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(value) < 1024 or unit == "GiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} TiB"

@@ -28,6 +28,7 @@ from ..linux.mounts import Step
 from ..linux.net import loopback_up
 from ..linux.rootfs import RootOptions, build_root
 from ..linux.userns import unshare_with_full_map, write_identity_maps
+from .execd import serve_control  # imported now: after pivot_root (e.g. into an image) nothing can be
 
 FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
@@ -42,6 +43,8 @@ class Blueprint:
     hostname: str
     net: str
     root: RootOptions
+    control: bool = False  # the init serves exec requests over a socket (the Sandbox API)
+    network: int = 0  # host PID of a network switch whose user namespace the sandbox shares (0: none)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -51,8 +54,8 @@ class Blueprint:
         data = json.loads(text)
         root = data.pop("root")
         root["steps"] = tuple(Step(**s) for s in root["steps"])
-        for key in ("writable", "upper_bases"):
-            root[key] = tuple(root[key])
+        for key in ("writable", "upper_bases", "layers", "binds"):
+                root[key] = tuple(tuple(v) if isinstance(v, list) else v for v in root[key])
         return cls(root=RootOptions(**root), **data)
 
 
@@ -63,6 +66,7 @@ class Prepared:
     ident: int
     holder: int
     init: int
+    control: Optional[socket.socket] = None  # to the init, when the blueprint asked for it
 
 
 class SetupFailure(Exception):
@@ -92,14 +96,26 @@ def _step(fd: int, name: str, func: Any) -> Any:
 
 def _flags(bp: Blueprint) -> int:
     flags = libc.CLONE_NEWNS | libc.CLONE_NEWUTS | libc.CLONE_NEWIPC | libc.CLONE_NEWPID | libc.CLONE_NEWCGROUP
-    if bp.net == "none":
+    if bp.net == "none" or bp.network:
         flags |= libc.CLONE_NEWNET
     return flags
 
 
-def _holder(bp: Blueprint, ready: int) -> NoReturn:
+def _join_user(pid: int) -> None:
+    fd = os.open(f"/proc/{pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        libc.setns(fd, libc.CLONE_NEWUSER)
+    finally:
+        os.close(fd)
+
+
+def _holder(bp: Blueprint, ready: int, control: Optional[socket.socket]) -> NoReturn:
     libc.prctl(libc.PR_SET_PDEATHSIG, signal.SIGKILL)
-    if bp.userns and bp.uid == 0:
+    if bp.network and bp.userns:
+        # a network's members share its user namespace: its switch may then configure their links
+        _step(ready, "join the network's user namespace", lambda: _join_user(bp.network))
+        _step(ready, "unshare", lambda: libc.unshare(_flags(bp)))
+    elif bp.userns and bp.uid == 0:
         _step(ready, "unshare", lambda: unshare_with_full_map(_flags(bp)))
     elif bp.userns:
         _step(ready, "unshare", lambda: libc.unshare(_flags(bp) | libc.CLONE_NEWUSER))
@@ -108,20 +124,26 @@ def _holder(bp: Blueprint, ready: int) -> NoReturn:
         _step(ready, "unshare", lambda: libc.unshare(_flags(bp)))
     init = os.fork()
     if init == 0:
-        _init(bp, ready)
+        _init(bp, ready, control)
     os.close(ready)
+    if control is not None:
+        control.close()
     os.waitpid(init, 0)
     os._exit(0)
 
 
-def _init(bp: Blueprint, ready: int) -> NoReturn:
+def _init(bp: Blueprint, ready: int, control: Optional[socket.socket]) -> NoReturn:
     libc.prctl(libc.PR_SET_PDEATHSIG, signal.SIGKILL)
     _step(ready, "build root", lambda: build_root(bp.root))
     _step(ready, "sethostname", lambda: socket.sethostname(bp.hostname))
-    if bp.net == "none":
+    if bp.net == "none" or bp.network:
         _step(ready, "bring up lo", loopback_up)
     for sig in FORWARDED:
         signal.signal(sig, lambda signum, _frame: _forward(signum))
+    if control is not None:
+        _report(ready, ok=True)
+        os.close(ready)
+        serve_control(control)
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})  # wait for it, race-free, below
     _report(ready, ok=True)
     os.close(ready)
@@ -149,27 +171,49 @@ def _forward(signum: int) -> None:
 class _Workshop:
     """The factory's state: sandboxes built and not yet killed, holders not yet reaped."""
 
-    def __init__(self) -> None:
+    def __init__(self, fds: Optional[socket.socket] = None) -> None:
         self.live: dict[int, tuple[int, int, tuple[str, ...]]] = {}
         self.dying: dict[int, tuple[str, ...]] = {}
+        self.fds = fds  # where control sockets go to the client (SCM_RIGHTS)
 
-    def build(self, ident: int, bp: Blueprint) -> dict[str, Any]:
+    def build(self, ident: int, bp: Blueprint, cgroup: Any = ()) -> dict[str, Any]:
         read, write = os.pipe()
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET) if bp.control else (None, None)
         holder = os.fork()
         if holder == 0:
             os.close(read)
-            _holder(bp, write)
+            if ours is not None:
+                ours.close()
+            _holder(bp, write, theirs)
         os.close(write)
+        if theirs is not None:
+            theirs.close()
         with os.fdopen(read, "rb") as f:
             line = f.readline()
         answer = json.loads(line) if line else {"step": "fork", "errno": None, "message": "the holder died"}
         if not answer.get("ok"):
             self.dying[holder] = bp.root.upper_bases
+            if ours is not None:
+                ours.close()
             return {"id": ident, "error": answer}
+        if ours is not None:
+            assert self.fds is not None
+            socket.send_fds(self.fds, [str(ident).encode()], [ours.fileno()])
+            ours.close()
         with open(f"/proc/{holder}/task/{holder}/children") as f:
             init = int(f.read().split()[0])
         self.live[ident] = (holder, init, bp.root.upper_bases)
-        return {"id": ident, "holder": holder, "init": init}
+        try:
+            for path in cgroup:  # what the init starts is then born in the leaf: no migration later
+                with open(path, "w") as f:
+                    f.write(str(init))
+        except OSError as exc:
+            self.kill(ident)
+            if ours is not None:
+                ours.close()
+            return {"id": ident, "error": {"step": "cgroup limits", "errno": exc.errno,
+                                           "message": f"cannot move the sandbox's init into {path}: {exc.strerror}"}}
+        return {"id": ident, "holder": holder, "init": init, "control": bp.control}
 
     def kill(self, ident: int) -> None:
         holder, init, bases = self.live.pop(ident, (0, 0, ()))
@@ -205,17 +249,20 @@ def _remove_bases(bases: tuple[str, ...]) -> None:
             pass
 
 
-def serve(stdin: IO[str], stdout: IO[str], parent: int) -> None:
+def serve(stdin: IO[str], stdout: IO[str], parent: int, fds: int = -1) -> None:
     """The factory's loop: one JSON request per line in, one JSON answer per build out."""
     libc.prctl(libc.PR_SET_PDEATHSIG, signal.SIGKILL)
     if os.getppid() != parent:
         return
-    shop = _Workshop()
+    if fds >= 0:
+        os.set_inheritable(fds, False)  # pass_fds made it inheritable: keep it out of the sandboxes
+    shop = _Workshop(socket.socket(fileno=fds) if fds >= 0 else None)
     try:
         for line in stdin:
             request = json.loads(line)
             if request["op"] == "build":
-                stdout.write(json.dumps(shop.build(request["id"], Blueprint.from_json(request["blueprint"]))) + "\n")
+                answer = shop.build(request["id"], Blueprint.from_json(request["blueprint"]), request.get("cgroup", ()))
+                stdout.write(json.dumps(answer) + "\n")
                 stdout.flush()
             elif request["op"] == "kill":
                 shop.kill(request["id"])
@@ -232,28 +279,33 @@ class Factory:
 
     def __init__(self) -> None:
         package_parent = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        self.fds, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         code = (
             f"import sys; sys.path.insert(0, {package_parent!r}); "
             "from pytest_isolate.engine.factory import serve; "
-            f"serve(sys.stdin, sys.stdout, {os.getpid()})"
+            f"serve(sys.stdin, sys.stdout, {os.getpid()}, {theirs.fileno()})"
         )
         self.proc = subprocess.Popen(
             [sys.executable, "-I", "-S", "-c", code],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1, close_fds=True,
+            pass_fds=(theirs.fileno(),),
             start_new_session=True,  # a terminal's Ctrl-C goes to pytest, which decides; never to the inits
         )
+        theirs.close()
         self.next_id = 0
         self.answers: dict[int, dict[str, Any]] = {}
+        self.controls: dict[int, socket.socket] = {}
 
     def _send(self, **request: Any) -> None:
         assert self.proc.stdin is not None
         self.proc.stdin.write(json.dumps(request) + "\n")
         self.proc.stdin.flush()
 
-    def order(self, blueprint: str) -> int:
-        """Ask for a sandbox (a ``Blueprint.to_json()``); returns a ticket to ``collect`` later."""
+    def order(self, blueprint: str, cgroup_procs: tuple[str, ...] = ()) -> int:
+        """Ask for a sandbox (a ``Blueprint.to_json()``), its init to be moved into the cgroup(s)
+        whose ``cgroup.procs`` files are given; returns a ticket to ``collect`` later."""
         self.next_id += 1
-        self._send(op="build", id=self.next_id, blueprint=blueprint)
+        self._send(op="build", id=self.next_id, blueprint=blueprint, cgroup=list(cgroup_procs))
         return self.next_id
 
     def collect(self, ticket: int) -> Prepared:
@@ -269,7 +321,16 @@ class Factory:
         if "error" in answer:
             err = answer["error"]
             raise SetupFailure(err["step"], err.get("errno"), err["message"])
-        return Prepared(ticket, answer["holder"], answer["init"])
+        return Prepared(ticket, answer["holder"], answer["init"], self._control(ticket) if answer.get("control") else None)
+
+    def _control(self, ticket: int) -> socket.socket:
+        """The init's control socket, sent by the factory before its answer."""
+        while ticket not in self.controls:
+            data, fds, _, _ = socket.recv_fds(self.fds, 64, 1)
+            if not data:
+                raise SetupFailure("factory", None, "the sandbox factory closed its socket")
+            self.controls[int(data)] = socket.socket(fileno=fds[0])
+        return self.controls.pop(ticket)
 
     def discard(self, ticket: int) -> None:
         """Kill the sandbox of ``ticket`` (built or not yet collected)."""
@@ -286,3 +347,6 @@ class Factory:
                 self.proc.wait()
         if self.proc.stdout is not None:
             self.proc.stdout.close()
+        for sock in self.controls.values():
+            sock.close()
+        self.fds.close()

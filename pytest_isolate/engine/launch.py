@@ -50,10 +50,13 @@ class Plan:
     uid: int
     gid: int
     cwd: str
+    control: bool = False  # the init starts the program (Sandbox.run/popen), not a fork of ours
+    network: int = 0  # host PID of the switch of the network this sandbox joins
 
     @cached_property
     def blueprint(self) -> Blueprint:
-        return Blueprint(self.userns, self.uid, self.gid, self.spec.hostname, self.spec.net, self.root)
+        return Blueprint(self.userns, self.uid, self.gid, self.spec.hostname, self.spec.net, self.root,
+                         self.control, self.network)
 
     @cached_property
     def key(self) -> str:
@@ -190,7 +193,7 @@ class Launcher:
 
     def __init__(self, cgroups: Optional[Driver] = None) -> None:
         self.factory: Optional[Factory] = None
-        self.pending: Optional[tuple[str, int]] = None  # (blueprint json, ticket)
+        self.pending: Optional[tuple[str, int, Optional[Leaf]]] = None  # (blueprint json, ticket, its leaf)
         self.own_pid_ns = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
         self.driver = cgroups
         self.session: Optional[Session] = None
@@ -250,31 +253,59 @@ class Launcher:
     def _factory(self) -> Factory:
         if self.factory is not None and self.factory.proc.poll() is not None:
             self.factory.close()  # it died (killed from outside?): start afresh, forget what it was building
+            if self.pending is not None and self.pending[2] is not None:
+                self.retired.append(self.pending[2])
             self.factory, self.pending = None, None
         if self.factory is None:
             self.factory = Factory()
         return self.factory
 
     def prepare(self, plan: Plan) -> None:
-        """Have the sandbox for ``plan`` built while something else runs (e.g. the current test)."""
-        self._prepare_leaf(plan)
+        """Have the sandbox for ``plan`` built while something else runs (e.g. the current test).
+
+        A control plan (Sandbox.run/popen) gets its cgroup leaf now too, and the factory puts the
+        sandbox's init into it: the program the init starts is then born in the leaf.
+        """
         if self.pending is not None and self.pending[0] == plan.key:
             return
         self.drop_pending()
-        self.pending = (plan.key, self._factory().order(plan.key))
+        leaf: Optional[Leaf] = None
+        if plan.control and self.session is not None:
+            leaf = self._leaf(self.session, Limits(plan.spec.memory, plan.spec.cpus, plan.spec.pids))
+        else:
+            self._prepare_leaf(plan)
+        procs = leaf.procs_files() if leaf is not None else ()
+        try:
+            ticket = self._factory().order(plan.key, procs)
+        except BaseException:
+            if leaf is not None:
+                self.retired.append(leaf)
+            raise
+        self.pending = (plan.key, ticket, leaf)
 
     def drop_pending(self) -> None:
         if self.pending is not None:
-            self._factory().discard(self.pending[1])
+            _, ticket, leaf = self.pending
             self.pending = None
+            self._factory().discard(ticket)
+            if leaf is not None:
+                self.retired.append(leaf)
 
     def _take(self, plan: Plan) -> Prepared:
+        return self._take_with_leaf(plan)[0]
+
+    def _take_with_leaf(self, plan: Plan) -> tuple[Prepared, Optional[Leaf]]:
         if self.pending is None or self.pending[0] != plan.key:
             self.prepare(plan)
         assert self.pending is not None
-        ticket = self.pending[1]
+        _, ticket, leaf = self.pending
         self.pending = None
-        return self._factory().collect(ticket)
+        try:
+            return self._factory().collect(ticket), leaf
+        except BaseException:
+            if leaf is not None:
+                self.retired.append(leaf)
+            raise
 
     def _fork(self, plan: Plan, chan: Channel, target: Callable[[Channel], int], fds: dict[str, int],
               procs: tuple[str, ...]) -> int:
@@ -299,6 +330,23 @@ class Launcher:
         finally:
             libc.setns(self.own_pid_ns, libc.CLONE_NEWPID)
         return pid
+
+    def acquire(self, plan: Plan) -> tuple[Prepared, Optional[Leaf]]:
+        """A built sandbox for a control ``plan``, its init already in the leaf holding its limits
+        (when there is a cgroup session); raises SetupFailure or CgroupError. Give both back with
+        :meth:`release`."""
+        assert plan.control
+        self.cgroups()
+        return self._take_with_leaf(plan)
+
+    def release(self, sandbox: Prepared, leaf: Optional[Leaf]) -> None:
+        """End the sandbox (killing its init kills everything in it); its leaf is removed later."""
+        _kill(sandbox.init)
+        if sandbox.control is not None:
+            sandbox.control.close()
+        self._factory().discard(sandbox.ident)
+        if leaf is not None:
+            self.retired.append(leaf)
 
     def launch(self, plan: Plan, target: Callable[[Channel], int], after_start: Optional[Callable[[], None]] = None,
                limited: bool = True, timeout: Optional[float] = None) -> Outcome:

@@ -36,6 +36,10 @@ class RootOptions:
     # upper inside its own lower ("overlapping layers"), so each overlay takes the first base that
     # is not below its lower directory: give two bases in different trees.
     upper_bases: tuple[str, ...] = ()
+    # An image instead of the host tree (step "image"): host directories stacked as overlay lower
+    # layers, topmost first; and host files or directories bound (read-write) at sandbox paths.
+    layers: tuple[str, ...] = ()
+    binds: tuple[tuple[str, str], ...] = ()
 
 
 def _escape(path: str) -> str:
@@ -94,6 +98,38 @@ class _Builder:
         _copy_mode(OLD, upper)
         libc.mount("overlay", NEW, "overlay", 0, f"lowerdir={LOWER},upperdir={upper},workdir={work}")
 
+    def image(self) -> None:
+        """The root is the image's layers, copy-on-write (an upper may not sit inside a layer)."""
+        self.layers += 1
+        scratch = SCRATCH
+        for base in self.opts.upper_bases:
+            if not any((base + "/").startswith(layer.rstrip("/") + "/") for layer in self.opts.layers):
+                scratch = OLD + base
+                break
+        upper, work = f"{scratch}/{self.layers}/upper", f"{scratch}/{self.layers}/work"
+        os.makedirs(upper)
+        os.mkdir(work)
+        os.chmod(upper, 0o755)
+        lower = ":".join(_escape(OLD + layer) for layer in self.opts.layers)
+        data = f"lowerdir={lower},upperdir={_escape(upper)},workdir={_escape(work)}"
+        if self.opts.userxattr:
+            data += ",userxattr"
+        try:
+            libc.mount("overlay", NEW, "overlay", 0, data)
+        except OSError as exc:
+            raise OSError(exc.errno, f"overlay of the image's {len(self.opts.layers)} layers: {exc.strerror}") from exc
+
+    def bind(self, source: str, target: str) -> None:
+        """Bind a host path (file or directory) at ``target``, creating the mount point."""
+        dst = NEW + target
+        if os.path.isdir(OLD + source):
+            os.makedirs(dst, exist_ok=True)
+        else:
+            os.makedirs(os.path.dirname(dst), exist_ok=True)
+            if not os.path.lexists(dst):
+                os.close(os.open(dst, os.O_CREAT | os.O_WRONLY, 0o644))
+        libc.mount(OLD + source, dst, None, libc.MS_BIND | libc.MS_REC)
+
     def rbind(self, path: str, target: str = "") -> None:
         dst = NEW + (target or path)
         if os.path.isdir(OLD + path):
@@ -113,6 +149,8 @@ class _Builder:
     def step(self, s: Step) -> None:
         if s.action == "rootlayer":
             self.rootlayer()
+        elif s.action == "image":
+            self.image()
         elif s.action == "dir":
             os.makedirs(NEW + s.path, exist_ok=True)
             _copy_mode(OLD + s.path, NEW + s.path)
@@ -145,7 +183,11 @@ def build_root(opts: RootOptions) -> None:
     for s in opts.steps:
         builder.step(s)
     for path in opts.writable:
+        if opts.layers:
+            os.makedirs(NEW + path, exist_ok=True)
         libc.mount(OLD + path, NEW + path, None, libc.MS_BIND | libc.MS_REC)
+    for source, target in opts.binds:
+        builder.bind(source, target)
     os.chdir(NEW)
     libc.pivot_root(".", ".")
     libc.umount2(".", libc.MNT_DETACH)

@@ -6,13 +6,14 @@ import errno
 import os
 import platform
 import warnings
-from typing import Any, Callable, Generator, Optional
+from typing import TYPE_CHECKING, Any, Callable, Generator, Iterator, NoReturn, Optional
 
 import pytest
 
 from .. import __version__
 from ..engine.channel import Channel
 from ..engine.explain import explain
+from ..engine import errors
 from ..engine.host import current_host, disk_upper_dirs
 from ..engine.launch import Launcher, Outcome, Plan
 from ..engine.spec import SandboxSpec, SpecError
@@ -21,8 +22,12 @@ from ..linux.probe import Capabilities, probe
 from . import protocol
 from .marker import MARKER_HELP, item_spec
 from .options import Settings, add_options, read_settings
-from .reports import human_bytes, make_report
+from ..engine.accounting import human_bytes
+from .reports import make_report
 from .summary import Recorder, terminal_summary
+
+if TYPE_CHECKING:
+    from ..engine.sandbox import Sandbox
 
 SPEC_KEY = pytest.StashKey[Optional[SandboxSpec]]()
 PLAN_KEY = pytest.StashKey[Plan]()
@@ -35,7 +40,7 @@ EOVERFLOW_HINT = (
 )
 
 
-class IsolationDegradedWarning(pytest.PytestWarning):
+class IsolationDegradedWarning(pytest.PytestWarning, errors.IsolationDegradedWarning):
     """An isolated test ran with less isolation than it asked for (--isolate-unavailable=degrade)."""
 
 
@@ -349,3 +354,24 @@ def isolation(request: pytest.FixtureRequest) -> Isolation:
             "mark the test with @pytest.mark.isolated (or run with --isolate)"
         )
     return Isolation(plan.spec, _state(request.config).launcher)
+
+
+@pytest.fixture
+def sandbox(request: pytest.FixtureRequest) -> Iterator["Sandbox"]:
+    """A ``pytest_isolate.Sandbox`` for this test: ``sandbox.run([...])``, ``popen``, ``call``, ``network()``.
+
+    What cannot be isolated on this host follows ``--isolate-unavailable`` (fail, skip, degrade).
+    At teardown — also after a failure — every program still running is killed, and its sandbox,
+    cgroup and networks are removed.
+    """
+    from ..engine.sandbox import Sandbox
+
+    box = Sandbox(unavailable=_state(request.config).settings.policy, skip=_skip)
+    try:
+        yield box
+    finally:
+        box.close()
+
+
+def _skip(reason: str) -> NoReturn:
+    pytest.skip(reason)

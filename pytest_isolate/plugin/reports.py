@@ -12,6 +12,7 @@ from typing import Any, Optional, Sequence
 import pytest
 
 from ..engine.channel import Channel
+from ..engine.accounting import human_bytes
 
 
 def send_report(chan: Channel, config: pytest.Config, report: pytest.TestReport) -> None:
@@ -41,17 +42,6 @@ def describe_status(status: Optional[int]) -> str:
             name = f"signal {num}"
         return f"crashed with {name} (signal {num})"
     return f"exited with status {os.WEXITSTATUS(status)}"
-
-
-def human_bytes(value: Optional[float]) -> str:
-    """1536 -> '1.5 KiB': binary units, as the limits are written."""
-    if value is None:
-        return "?"
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(value) < 1024 or unit == "GiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{value:.1f} TiB"
 
 
 def describe_end(status: Optional[int], timed_out: bool, wall: float, oom_kills: Optional[float], memory_peak: Optional[float],

@@ -12,7 +12,7 @@ from typing import Any, Optional
 
 import pytest
 
-from .reports import human_bytes
+from ..engine.accounting import human_bytes
 
 PREFIX = "isolate."
 
