@@ -298,3 +298,135 @@ def test_library_without_pytest(pytester: pytest.Pytester, isolation_works: None
         """))
     out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60, check=False)
     assert out.stdout.split() == ["plain", "False"], out.stderr
+
+
+IMAGEKIT = '''
+"""Small images made from this host's own programs and their libraries (no registry, no docker)."""
+import gzip, hashlib, io, json, os, re, shutil, subprocess, tarfile
+
+PROGRAMS = ("sh", "cat", "ls")
+
+
+def mini_rootfs(dest):
+    """A root filesystem with sh, cat and ls (and the libraries ldd names) and /etc/motd."""
+    for name in PROGRAMS:
+        path = os.path.realpath(shutil.which(name))
+        target = os.path.join(dest, "bin", name)
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        shutil.copy2(path, target)
+        for lib in re.findall(r"(/\\S+) \\(0x", subprocess.run(["ldd", path], capture_output=True, text=True).stdout):
+            copy = dest + lib
+            os.makedirs(os.path.dirname(copy), exist_ok=True)
+            shutil.copy2(os.path.realpath(lib), copy)
+    os.makedirs(os.path.join(dest, "etc"), exist_ok=True)
+    with open(os.path.join(dest, "etc", "motd"), "w") as f:
+        f.write("hello from the image\\n")
+    return dest
+
+
+def tar_of(tree, gz=False):
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        tar.add(tree, arcname=".")
+    return gzip.compress(buf.getvalue()) if gz else buf.getvalue()
+
+
+def tar_entries(*names):
+    """A layer of empty files (whiteouts are empty files named .wh.<name>) and the dirs they need."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for name in names:
+            info = tarfile.TarInfo(name)
+            tar.addfile(info, io.BytesIO(b""))
+    return buf.getvalue()
+
+
+def oci_layout(dest, layers):
+    blobs = os.path.join(dest, "blobs", "sha256")
+    os.makedirs(blobs)
+    def put(data):
+        digest = hashlib.sha256(data).hexdigest()
+        with open(os.path.join(blobs, digest), "wb") as f:
+            f.write(data)
+        return {"digest": "sha256:" + digest, "size": len(data)}
+    config = put(json.dumps({"architecture": "amd64", "os": "linux"}).encode())
+    manifest = {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                "config": dict(config, mediaType="application/vnd.oci.image.config.v1+json"),
+                "layers": [dict(put(data), mediaType="application/vnd.oci.image.layer.v1.tar") for data in layers]}
+    top = dict(put(json.dumps(manifest).encode()), mediaType=manifest["mediaType"])
+    with open(os.path.join(dest, "oci-layout"), "w") as f:
+        f.write('{"imageLayoutVersion": "1.0.0"}')
+    with open(os.path.join(dest, "index.json"), "w") as f:
+        json.dump({"schemaVersion": 2, "manifests": [top]}, f)
+    return dest
+
+
+def docker_save(dest, layers):
+    with tarfile.open(dest, "w") as tar:
+        names = []
+        for i, data in enumerate(layers):
+            info = tarfile.TarInfo(f"l{i}/layer.tar"); info.size = len(data)
+            tar.addfile(info, io.BytesIO(data)); names.append(info.name)
+        manifest = json.dumps([{"Config": "c.json", "RepoTags": ["mini:latest"], "Layers": names}]).encode()
+        for name, data in (("c.json", b"{}"), ("manifest.json", manifest)):
+            info = tarfile.TarInfo(name); info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return dest
+'''
+
+IMAGES = """
+import os
+import pytest
+from imagekit import docker_save, mini_rootfs, oci_layout, tar_entries, tar_of
+from pytest_isolate import ExecFailed, SpecError
+
+SCRIPT = "ls /; cat /etc/motd; echo changed > /etc/motd; cat /etc/motd"
+
+def check(sandbox, rootfs):
+    r = sandbox.run(["sh", "-c", SCRIPT], rootfs=rootfs, text=True, check=True)
+    top = r.stdout.split()
+    assert {"bin", "etc", "proc", "dev", "sys"} <= set(top) and "usr" not in top, r.stdout  # not the host's tree
+    assert r.stdout.endswith("hello from the image\\nchanged\\n")
+    again = sandbox.run(["cat", "/etc/motd"], rootfs=rootfs, text=True)
+    assert again.stdout == "hello from the image\\n"  # each sandbox has its own upper layer
+
+def test_directory(sandbox, tmp_path):
+    root = mini_rootfs(str(tmp_path / "root"))
+    check(sandbox, root)
+    with open(os.path.join(root, "etc", "motd")) as f:
+        assert f.read() == "hello from the image\\n"  # the image itself is never written
+
+def test_tarballs(sandbox, tmp_path):
+    root = mini_rootfs(str(tmp_path / "root"))
+    for name, gz in (("root.tar", False), ("root.tar.gz", True)):
+        (tmp_path / name).write_bytes(tar_of(root, gz))
+        check(sandbox, str(tmp_path / name))
+
+def test_oci_layers_whiteouts_and_missing_program(sandbox, tmp_path):
+    root = mini_rootfs(str(tmp_path / "root"))
+    base = tar_of(root)
+    top = tar_entries("etc/.wh.motd", "bin/.wh.ls", "etc/added")
+    layout = oci_layout(str(tmp_path / "oci"), [base, top])
+    r = sandbox.run(["sh", "-c", "cd /etc && echo *; test -e /bin/ls || echo no-ls"], rootfs=layout, text=True)
+    assert r.stdout.split() == ["added", "no-ls"]
+    with pytest.raises(ExecFailed, match="executable 'ls' not found in the rootfs image"):
+        sandbox.run(["ls"], rootfs=layout)
+
+def test_docker_save_archive(sandbox, tmp_path):
+    root = mini_rootfs(str(tmp_path / "root"))
+    archive = docker_save(str(tmp_path / "mini.tar"), [tar_of(root), tar_entries("etc/.wh.motd")])
+    r = sandbox.run(["sh", "-c", "test -e /etc/motd || echo motd-deleted"], rootfs=archive, text=True)
+    assert r.stdout == "motd-deleted\\n"
+
+def test_bad_rootfs_is_named_before_anything_starts(sandbox, tmp_path):
+    with pytest.raises(SpecError, match="rootfs=.*no-such-dir.*no such file or directory"):
+        sandbox.run(["sh"], rootfs=str(tmp_path / "no-such-dir"))
+    (tmp_path / "notes.txt").write_text("not an image")
+    with pytest.raises(SpecError, match="not a directory, tar archive, OCI layout or docker-save archive"):
+        sandbox.run(["sh"], rootfs=str(tmp_path / "notes.txt"))
+"""
+
+
+def test_rootfs_images(pytester: pytest.Pytester, run: Runner) -> None:
+    pytester.makepyfile(imagekit=IMAGEKIT, test_images=IMAGES)
+    run("-v", "-p", "no:randomly").assert_outcomes(passed=5)

@@ -16,8 +16,12 @@ even while nobody in the supervisor is waiting.
 
 from __future__ import annotations
 
+# Imported now, not on first use: after pivot_root into an image there may be no Python library to
+# import from. (socket.send_fds/recv_fds import array; os.wait4 needs resource.)
+import array  # noqa: F401
 import json
 import os
+import resource  # noqa: F401
 import select
 import signal
 import socket

@@ -110,14 +110,21 @@ class _Builder:
         os.makedirs(upper)
         os.mkdir(work)
         os.chmod(upper, 0o755)
-        lower = ":".join(_escape(OLD + layer) for layer in self.opts.layers)
-        data = f"lowerdir={lower},upperdir={_escape(upper)},workdir={_escape(work)}"
+        # mount(2) takes one page of options: name cached layers relative to their common directory
+        parents = {os.path.dirname(layer) for layer in self.opts.layers}
+        common = OLD + parents.pop() if len(parents) == 1 else ""
+        names = [os.path.basename(layer) if common else OLD + layer for layer in self.opts.layers]
+        data = f"lowerdir={':'.join(_escape(n) for n in names)},upperdir={_escape(upper)},workdir={_escape(work)}"
         if self.opts.userxattr:
             data += ",userxattr"
         try:
+            if common:
+                os.chdir(common)
             libc.mount("overlay", NEW, "overlay", 0, data)
         except OSError as exc:
             raise OSError(exc.errno, f"overlay of the image's {len(self.opts.layers)} layers: {exc.strerror}") from exc
+        finally:
+            os.chdir("/")
 
     def bind(self, source: str, target: str) -> None:
         """Bind a host path (file or directory) at ``target``, creating the mount point."""
