@@ -82,6 +82,29 @@ def test_every_junit_property_is_in_the_reference(reference: str) -> None:
     assert _missing(names, reference) == []
 
 
+def _public_methods(cls: type) -> list[str]:
+    return [name for name in vars(cls) if not name.startswith("_") and callable(getattr(cls, name, None))]
+
+
+def test_every_sandbox_api_name_is_in_the_reference(reference: str) -> None:
+    """The library's public names, every option of run/popen/call, and every public method."""
+    import pytest_isolate
+    from pytest_isolate.engine.network import Network
+    from pytest_isolate.engine.process import SandboxProcess
+    from pytest_isolate.engine.sandbox import RUN_OPTIONS, Sandbox, SandboxResult
+
+    names = [n for n in pytest_isolate.__all__ if not n.startswith("_")] + list(RUN_OPTIONS)
+    assert _missing(names, reference) == []
+    methods = [f"{cls.__name__}.{m}" for cls in (Sandbox, Network) for m in _public_methods(cls)]
+    assert [m for m in methods if m not in reference] == []
+    fields = ["args", "returncode", "exit_code", "signal", "stdout", "stderr", "timed_out", "oom_killed", "usage",
+              "check_returncode()"] + [f"{m}(" for m in _public_methods(SandboxProcess)]
+    assert _missing([f.rstrip("(") for f in fields if not f.endswith("(")], reference) == []
+    assert [f for f in fields if f.endswith("(") and f"``{f}" not in reference] == []
+    assert "sandbox" in reference and "``sandbox`` fixture" in reference
+    assert SandboxResult.__doc__
+
+
 def test_docs_build_with_warnings_as_errors(tmp_path: Path) -> None:
     try:
         with warnings.catch_warnings():
