@@ -197,3 +197,33 @@ def test_degrade_under_warnings_as_errors_fails_the_test_not_the_run(pytester: p
     result = run("--isolate-unavailable=degrade")  # run() passes -W error
     result.assert_outcomes(errors=1, passed=1)
     result.stdout.fnmatch_lines(["*IsolationDegradedWarning*cannot be enforced*"])
+
+
+def test_cgroups_off(pytester: pytest.Pytester, run: Runner) -> None:
+    """--isolate-cgroups=off: isolation and timeouts without any cgroup; limits meet the policy."""
+    pytester.makepyfile("""
+        import time
+        import pytest
+
+        @pytest.mark.isolated
+        def test_plain():
+            pass
+
+        @pytest.mark.isolated(memory="64M")
+        def test_limited():
+            pass
+
+        @pytest.mark.isolated(timeout=0.5)
+        def test_slow():
+            time.sleep(30)
+        """)
+    result = run("--isolate-cgroups=off", "--isolate-json=usage.json", "-rfE")
+    result.assert_outcomes(passed=1, failed=1, errors=1)  # the refusal is a setup error, as everywhere
+    result.stdout.fnmatch_lines(["isolate: *limits: unavailable (cgroups are turned off (--isolate-cgroups=off))*"])
+    result.stdout.fnmatch_lines(["*memory=* cannot be enforced: cgroups are turned off (--isolate-cgroups=off). Fix: use --isolate-cgroups=auto*"])
+    result.stdout.fnmatch_lines(["*test_slow*Timeout: the isolated test ran for*over its limit of timeout=0.5 s*"])
+    tests = {t["nodeid"].split("::")[1]: t for t in read_json(pytester.path / "usage.json")["tests"]}
+    assert "cgroup" not in tests["test_plain"]["usage"]["sources"]
+    bad = run("-o", "isolate_cgroups=sometimes")
+    assert bad.ret == pytest.ExitCode.USAGE_ERROR
+    bad.stderr.fnmatch_lines(["*cgroups='sometimes' from ini (isolate_cgroups): expected one of auto, off*"])

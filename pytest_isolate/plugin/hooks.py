@@ -17,7 +17,7 @@ from ..engine import errors
 from ..engine.host import current_host, disk_upper_dirs
 from ..engine.launch import Launcher, Outcome, Plan
 from ..engine.spec import SandboxSpec, SpecError
-from ..linux.cgroups import Driver, detect
+from ..linux.cgroups import Driver, NoneDriver, detect
 from ..linux.probe import Capabilities, probe
 from . import protocol
 from .marker import MARKER_HELP, item_spec
@@ -64,7 +64,8 @@ class State:
     @property
     def driver(self) -> Driver:
         if self._driver is None:
-            self._driver = detect()
+            self._driver = detect() if self.settings.cgroups == "auto" else NoneDriver(
+                "cgroups are turned off (--isolate-cgroups=off). Fix: use --isolate-cgroups=auto")
         return self._driver
 
     @property

@@ -25,6 +25,11 @@ UNAVAILABLE_HELP = (
     "what to do when requested isolation or limits cannot be had on this host: fail the test (default), "
     "skip it, or degrade (run it with what is available and a warning); the reason is always given"
 )
+CGROUP_MODES = ("auto", "off")
+CGROUPS_HELP = (
+    "auto (default): give each isolated test a cgroup leaf where the host allows (limits, exact "
+    "accounting); off: never use cgroups (no limits; figures are estimates; a little faster)"
+)
 JSON_HELP = "write every isolated test's usage (and a header describing the host) to this JSON file"
 TOP_HELP = "show the N isolated tests that used the most memory and the most CPU (0: all)"
 
@@ -40,6 +45,8 @@ def add_options(parser: pytest.Parser) -> None:
         parser.addini(f"isolate_{name}", help_text, default=None)
     group.addoption("--isolate-unavailable", dest="isolate_unavailable", choices=POLICIES, default=None, help=UNAVAILABLE_HELP)
     parser.addini("isolate_unavailable", UNAVAILABLE_HELP, default=None)
+    group.addoption("--isolate-cgroups", dest="isolate_cgroups", choices=CGROUP_MODES, default=None, help=CGROUPS_HELP)
+    parser.addini("isolate_cgroups", CGROUPS_HELP, default=None)
     group.addoption("--isolate-json", dest="isolate_json", default=None, metavar="PATH", help=JSON_HELP)
     group.addoption("--isolate-top", dest="isolate_top", type=int, default=None, metavar="N", help=TOP_HELP)
 
@@ -73,6 +80,7 @@ class Settings:
 
     defaults: SandboxSpec
     policy: str
+    cgroups: str = "auto"
 
 
 def read_settings(config: pytest.Config) -> Settings:
@@ -84,4 +92,7 @@ def read_settings(config: pytest.Config) -> Settings:
     policy, where = _lookup(config, "unavailable")
     if policy is not None and policy not in POLICIES:
         raise SpecError(f"unavailable={policy!r} {where}: expected one of {', '.join(POLICIES)}")
-    return Settings(spec, policy or "fail")
+    cgroups, where = _lookup(config, "cgroups")
+    if cgroups is not None and cgroups not in CGROUP_MODES:
+        raise SpecError(f"cgroups={cgroups!r} {where}: expected one of {', '.join(CGROUP_MODES)}")
+    return Settings(spec, policy or "fail", cgroups or "auto")
