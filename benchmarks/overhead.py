@@ -6,7 +6,8 @@ pytest-forked fails on pytest 9 (every test "EXITED with status 3"), so the scri
 virtualenv (default ``.bench-venv``) with pytest 8.4, pytest-forked and this project, and runs every
 mode with that one interpreter: same pytest, same machine, same minute. Generates a suite of trivial tests, then runs it round-robin (plain, --isolate, --forked, ...) so
 that every mode sees the same machine noise, and reports medians: per-test wall time of each mode,
-the overhead over plain pytest and the ratio to pytest-forked. Also times the bare kernel work,
+the overhead over plain pytest and the ratio to pytest-forked; ``isolated-nocg`` runs with
+``--isolate-cgroups=off``, so the difference to ``isolated`` is what cgroups cost. Also times the bare kernel work,
 ``unshare -Urpfn --mount-proc true``, for scale. Needs pytest-forked for the --forked column
 
 """
@@ -30,7 +31,8 @@ def make_suite(directory: str, tests: int) -> None:
 
 
 PROJECT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MODES = {"plain": ["-p", "no:isolate"], "isolated": ["--isolate"], "forked": ["-p", "no:isolate", "--forked"]}
+MODES = {"plain": ["-p", "no:isolate"], "isolated": ["--isolate"], "isolated-nocg": ["--isolate", "--isolate-cgroups=off"],
+         "forked": ["-p", "no:isolate", "--forked"]}
 
 
 def ensure_venv(venv: str) -> str:
@@ -91,6 +93,8 @@ def main() -> int:
     iso = statistics.median(results["isolated"]) - plain
     fork = statistics.median(results["forked"]) - plain
     print(f"isolated overhead / forked overhead = {iso / fork:.2f}")
+    cgroups = (statistics.median(results["isolated"]) - statistics.median(results["isolated-nocg"])) / args.tests * 1000
+    print(f"cgroups' share (isolated - isolated-nocg): {cgroups:.2f} ms per test")
     print(f"unshare -Urpfn --mount-proc true (process start included): {unshare * 1000:.2f} ms")
     return 0
 

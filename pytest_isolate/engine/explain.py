@@ -10,6 +10,7 @@ import errno
 import os
 from typing import Optional
 
+from ..linux.cgroups import INSIDE_ENV
 from .factory import SetupFailure
 
 
@@ -65,6 +66,11 @@ def _cause_and_fix(failure: SetupFailure) -> tuple[str, str]:
     if step == "build root":
         if "proc" in failure.message and err == errno.EPERM:
             return ("/proc is masked (a container hides parts of it), so a fresh /proc cannot be mounted", CONTAINER_FIX)
+        if "overlay" in failure.message and os.environ.get(INSIDE_ENV):
+            return ("this sandbox is nested in another one (an isolated test, or a program started by a Sandbox): "
+                    "rootless, the kernel refuses an overlay over the outer sandbox's overlay",
+                    "start it from a test that is not isolated (the sandbox fixture isolates each program on its "
+                    "own), or run as root")
         if "overlay" in failure.message:
             return ("the kernel refused an overlay mount in this namespace",
                     "use a kernel >= 5.11 (overlayfs in user namespaces), or run as root, or install fuse-overlayfs")

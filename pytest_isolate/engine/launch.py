@@ -27,7 +27,7 @@ from functools import cached_property
 from typing import Any, Callable, NoReturn, Optional
 
 from ..linux import libc
-from ..linux.cgroups import CgroupError, Driver, Leaf, Limits, Session
+from ..linux.cgroups import INSIDE_ENV, CgroupError, Driver, Leaf, Limits, Session
 from ..linux.rootfs import RootOptions
 from .accounting import Measurement, from_cgroup, from_rusage
 from .channel import Channel
@@ -122,6 +122,7 @@ def _payload(plan: Plan, chan: Channel, target: Callable[[Channel], int], fds: d
     code = 1
     try:
         libc.prctl(libc.PR_SET_PDEATHSIG, signal.SIGKILL)
+        os.environ[INSIDE_ENV] = "1"
         os.setpgid(0, 0)  # a terminal's Ctrl-C reaches the supervisor only; it decides
         _join_cgroups(procs)
         _join(fds, plan)

@@ -19,7 +19,7 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, NoReturn, Optional, Sequence, TypeVar, Union
 
-from ..linux.cgroups import CgroupError, Limits, detect
+from ..linux.cgroups import INSIDE_ENV, CgroupError, Limits, detect
 from ..linux.mounts import Step
 from ..linux.rootfs import RootOptions
 from .accounting import Measurement
@@ -236,6 +236,7 @@ class Sandbox:
         plan = self._plan(spec, extra, control=True, where=where)
         env = dict(extra["env"]) if extra.get("env") is not None else (
             {"PATH": IMAGE_PATH, "HOME": "/root" if plan.uid == 0 else "/"} if plan.root.layers else dict(os.environ))
+        env[INSIDE_ENV] = "1"
         self._check_executable(argv, env, plan, where)
         self._limited(spec)
         launcher = self.launcher

@@ -444,6 +444,7 @@ class NoneDriver(Driver):
 
 # ---------------------------------------------------------------- detection
 
+INSIDE_ENV = "PYTEST_ISOLATE_SANDBOX"  # set in every sandbox's processes
 V1_CONTROLLERS = ("memory", "cpu", "cpuacct", "pids", "blkio", "freezer")
 
 
@@ -461,6 +462,11 @@ def detect(
     in v1).  When ``root`` is not a mount point at all (a fake tree in unit tests) the
     tree's shape decides: ``cgroup.controllers`` at the top is v2.
     """
+    if os.environ.get(INSIDE_ENV) and fs is None:
+        # Our cgroup namespace hides where we are, and owners of other sessions are invisible from
+        # this PID namespace: stale-session cleanup could take theirs. The outer leaf counts us.
+        return NoneDriver(f"inside a pytest-isolate sandbox ({INSIDE_ENV} is set): nested sandboxes get "
+                          f"no cgroup of their own; the outer sandbox's cgroup limits and counts them")
     fs = fs or CgroupFs()
     kind, reason = _kind(root, _mount_fstype(fs, mountinfo, root), fs)
     if kind == "v2":
