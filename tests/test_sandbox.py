@@ -430,3 +430,22 @@ def test_bad_rootfs_is_named_before_anything_starts(sandbox, tmp_path):
 def test_rootfs_images(pytester: pytest.Pytester, run: Runner) -> None:
     pytester.makepyfile(imagekit=IMAGEKIT, test_images=IMAGES)
     run("-v", "-p", "no:randomly").assert_outcomes(passed=5)
+
+
+def test_sandbox_inside_an_isolated_test(pytester: pytest.Pytester, run: Runner) -> None:
+    """Nested: as root it works without a cgroup of its own; rootless it is refused, saying why."""
+    pytester.makepyfile("""
+        import pytest
+
+        @pytest.mark.isolated
+        def test_nested(sandbox):
+            r = sandbox.run(["sh", "-c", "echo $$ $PYTEST_ISOLATE_SANDBOX; hostname"], hostname="inner", text=True, check=True)
+            assert r.stdout.split() == ["2", "1", "inner"]
+            assert "cgroup" not in r.usage.sources.values()
+        """)
+    result = run("-v")
+    if os.getuid() == 0:
+        result.assert_outcomes(passed=1)
+    else:
+        result.assert_outcomes(failed=1)
+        result.stdout.fnmatch_lines(["*this sandbox is nested in another one*refuses an overlay over the outer*"])
