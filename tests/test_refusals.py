@@ -70,3 +70,22 @@ def test_policy_when_isolation_is_unavailable(pytester: pytest.Pytester, refused
     else:
         result.stdout.fnmatch_lines(["*IsolationDegradedWarning*isolation is not available*running with less isolation*"])
     result.stdout.fnmatch_lines(["isolate: *NOT available here (missing: *)*doctor*"])
+
+
+@pytest.mark.parametrize(("policy", "outcome"), [(None, {"failed": 1}), ("skip", {"skipped": 1})])
+def test_sandbox_api_refuses_with_cause_and_fix(pytester: pytest.Pytester, refused: Any, policy: Any,
+                                                outcome: dict[str, int]) -> None:
+    pytester.makepyfile(
+        """
+        def test_runs_a_program(sandbox):
+            sandbox.run(["true"])
+        """
+    )
+    args = ["-p", "no:cacheprovider", "-rs"] + ([f"--isolate-unavailable={policy}"] if policy else [])
+    result = pytester.runpytest_subprocess(*args)
+    result.assert_outcomes(**outcome)
+    lines = ["*pytest-isolate could not build the sandbox: step *", "*cause: *", "*fix: *"]
+    if policy is None:
+        result.stdout.fnmatch_lines(["*IsolationUnavailable*"] + lines)
+    else:
+        result.stdout.fnmatch_lines(["SKIPPED*pytest-isolate could not build the sandbox*"])
