@@ -263,6 +263,7 @@ class Sandbox:
         self._live.append(proc)
         if network is None:
             launcher.prepare(plan)  # the next sandbox like this one is built while this one runs
+        launcher.tidy()  # cgroup leaves of ended sandboxes go while this program runs
         return proc
 
     def run(self, args: Union[str, Sequence[str]], *, input: Optional[bytes] = None, check: bool = False,
