@@ -22,6 +22,7 @@ from typing import Mapping, Optional
 from pytest_isolate.linux import cgroups as cg
 from pytest_isolate.linux.cgroups import CgroupError, CgroupFs, Leaf, Limits, Session, Usage
 
+JOINED = ("memory", "cpuacct", "pids", "blkio")  # hierarchies every sandbox joins (see V1Leaf)
 USAGE_FILES = {
     "memory": ("memory.max_usage_in_bytes", "memory.oom_control"),
     "cpuacct": ("cpuacct.usage_user", "cpuacct.usage_sys", "cpuacct.stat"),
@@ -92,17 +93,22 @@ def usage_from_files(texts: Mapping[str, Optional[str]], ticks_per_second: int =
 class V1Leaf(Leaf):
     """One sandbox: a directory ``t-<n>`` in every hierarchy; ``path`` is the memory one."""
 
-    def __init__(self, fs: CgroupFs, dirs: Mapping[str, str]) -> None:
+    def __init__(self, fs: CgroupFs, dirs: Mapping[str, str], limits: Optional[Limits] = None) -> None:
         self.fs = fs
         self.dirs = dict(dirs)
         self.path = dirs.get("memory") or next(iter(dirs.values()))
+        # Joining a v1 hierarchy is a cgroup migration (~0.2 ms each) on the critical path of every
+        # test: join only those that limit or count something here. cpu counts throttling only
+        # under a quota; freezer is not needed (killing the sandbox's init kills everything in it).
+        wanted = set(JOINED) | ({"cpu"} if limits is not None and limits.cpus is not None else set())
+        self.joined = {c: d for c, d in self.dirs.items() if c in wanted}
 
     def distinct_dirs(self) -> list[str]:
         """One directory per hierarchy (co-mounted controllers share one)."""
         return sorted(set(self.dirs.values()))
 
     def procs_files(self) -> tuple[str, ...]:
-        return tuple(os.path.join(d, "cgroup.procs") for d in self.distinct_dirs())
+        return tuple(os.path.join(d, "cgroup.procs") for d in sorted(set(self.joined.values())))
 
     def pids(self) -> list[int]:
         return cg.pids_in(self.fs, [s for d in self.distinct_dirs() for s in cg.subtree(self.fs, d)])
@@ -110,8 +116,8 @@ class V1Leaf(Leaf):
     def usage(self) -> Usage:
         texts: dict[str, Optional[str]] = {}
         for controller, names in USAGE_FILES.items():
-            if controller in self.dirs:
-                texts.update(cg.files(self.fs, self.dirs[controller], names))
+            if controller in self.joined:
+                texts.update(cg.files(self.fs, self.joined[controller], names))
         return usage_from_files(texts, os.sysconf("SC_CLK_TCK"))
 
     def kill(self) -> None:
@@ -164,7 +170,7 @@ class V1Session(Session):
         where = ", ".join(sorted(set(self.paths.values())))
         cg.require_controllers(limits, self.controllers, where, FIX_MOUNT)
         name = f"t-{len(self._leaves) + 1}"
-        leaf = V1Leaf(self.fs, {c: os.path.join(p, name) for c, p in self.paths.items()})
+        leaf = V1Leaf(self.fs, {c: os.path.join(p, name) for c, p in self.paths.items()}, limits)
         try:
             _make_leaf_dirs(self.fs, leaf)
             apply_limits(self.fs, leaf.dirs, limits)
