@@ -116,9 +116,11 @@ def _join_cgroups(files: tuple[str, ...]) -> None:
 
 
 def _payload(plan: Plan, chan: Channel, target: Callable[[Channel], int], fds: dict[str, int],
-             procs: tuple[str, ...]) -> NoReturn:
+             procs: tuple[str, ...], gate: int = -1) -> NoReturn:
     """PID 2: die with the supervisor, join its cgroup leaf (from the host's cgroup namespace) and
-    the namespaces left to join (root: all; rootless: the cgroup one), run ``target``, exit."""
+    the namespaces left to join (root: all; rootless: the cgroup one), run ``target``, exit.
+
+    With a ``gate`` the supervisor moves us into the leaf: we wait for its "g" before running."""
     code = 1
     try:
         libc.prctl(libc.PR_SET_PDEATHSIG, signal.SIGKILL)
@@ -130,6 +132,8 @@ def _payload(plan: Plan, chan: Channel, target: Callable[[Channel], int], fds: d
             os.close(fd)
     except BaseException as exc:
         _fail_early(chan, "setns", exc)
+    if gate >= 0 and os.read(gate, 1) != b"g":
+        os._exit(125)  # the supervisor could not move us into the leaf; it reported why
     try:
         code = target(chan)
     except SystemExit as exc:
@@ -331,16 +335,31 @@ class Launcher:
                 finally:
                     os._exit(125)  # never let an exception climb into the forked copy of the caller
             return pid
+        # Root: we move the child into its leaf ourselves while it joins the namespaces (the
+        # migrations overlap its setns calls); it waits at the gate before running anything.
+        gate, opener = os.pipe()
         libc.setns(fds["pid"], libc.CLONE_NEWPID)  # our children are born in the sandbox: PID 2
         try:
             pid = os.fork()
             if pid == 0:
                 try:
-                    _payload(plan, chan, target, fds, procs)
+                    os.close(opener)
+                    _payload(plan, chan, target, fds, (), gate)
                 finally:
                     os._exit(125)
         finally:
             libc.setns(self.own_pid_ns, libc.CLONE_NEWPID)
+            os.close(gate)
+        try:
+            for path in procs:
+                with open(path, "w") as f:
+                    f.write(str(pid))
+            os.write(opener, b"g")
+        except OSError as exc:
+            chan.send("setup-error", step="cgroup limits", errno=exc.errno,
+                      message=f"cannot move the test's process into {path}: {exc.strerror}")
+        finally:
+            os.close(opener)  # without the "g", the child stops at the gate (EOF)
         return pid
 
     def acquire(self, plan: Plan) -> tuple[Prepared, Optional[Leaf]]:
