@@ -312,6 +312,7 @@ class Sandbox:
 
         limited = self._limited(spec)
         outcome = self.launcher.launch(plan, target, limited=limited)
+        self.launcher.prepare(plan)  # a loop of calls finds its next sandbox built
         if outcome.setup_error is not None and not outcome.records:
             self._unavailable(explain(outcome.setup_error))
             raise IsolationUnavailable(explain(outcome.setup_error))
