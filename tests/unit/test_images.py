@@ -140,6 +140,18 @@ def cache_entries(cache: Path) -> list[str]:
     return sorted(os.listdir(cache / "layers")) if (cache / "layers").exists() else []
 
 
+@pytest.fixture
+def whiteouts(tmp_path: Path) -> None:
+    """Layers with whiteouts need a 0:0 character device; some hosts refuse even that (Docker's
+    default profile: EPERM), and there no sandbox could use an image anyway."""
+    probe = tmp_path / "whiteout-probe"
+    try:
+        os.mknod(probe, stat.S_IFCHR | 0o000, os.makedev(0, 0))
+        probe.unlink()
+    except PermissionError as exc:
+        need(False, f"whiteout creation (mknod of a 0:0 character device: {exc.strerror})")
+
+
 # --- kinds of source ---
 
 
@@ -185,7 +197,7 @@ def test_plain_tarball_is_one_layer_with_everything_in_place(tmp_path: Path, gz:
         assert not (root / "dev/null").exists()
 
 
-def test_oci_layout_stacks_layers_with_whiteouts_and_opaque_dirs(tmp_path: Path) -> None:
+def test_oci_layout_stacks_layers_with_whiteouts_and_opaque_dirs(whiteouts: None, tmp_path: Path) -> None:
     digests = oci_layout(tmp_path / "img", [(BASE, TAR_GZ), (TOP, TAR)])
     for userxattr in flavours():
         cache = tmp_path / "cache"
@@ -202,7 +214,7 @@ def test_oci_layout_stacks_layers_with_whiteouts_and_opaque_dirs(tmp_path: Path)
 
 
 @pytest.mark.skipif(ROOT, reason="root may set trusted.* xattrs")
-def test_rootless_cannot_write_trusted_opaque_xattr(tmp_path: Path) -> None:
+def test_rootless_cannot_write_trusted_opaque_xattr(whiteouts: None, tmp_path: Path) -> None:
     oci_layout(tmp_path / "img", [(BASE, TAR_GZ), (TOP, TAR)])
     with pytest.raises(ImageError, match=r"cannot mark 'opq/.wh..wh..opq' opaque: setting trusted.overlay.opaque"):
         resolve_rootfs(tmp_path / "img", str(tmp_path / "cache"), userxattr=False)
@@ -210,7 +222,7 @@ def test_rootless_cannot_write_trusted_opaque_xattr(tmp_path: Path) -> None:
     assert dirs == [sha(BASE)]  # the bottom layer (no opaque dir) is fine; no partial top layer is left
 
 
-def test_whiteouts_in_this_layer_yield_to_its_content(tmp_path: Path) -> None:
+def test_whiteouts_in_this_layer_yield_to_its_content(whiteouts: None, tmp_path: Path) -> None:
     data = tar_bytes(member(".wh.a"), member("a", b"a"), member("b", b"b"), member(".wh.b"),
                      member(".wh.d"), member("d/e", b"e"), member(".wh..wh.plnk"))
     archive = tmp_path / "one.tar"
@@ -220,7 +232,7 @@ def test_whiteouts_in_this_layer_yield_to_its_content(tmp_path: Path) -> None:
     assert (Path(layer) / "d/e").read_bytes() == b"e"
 
 
-def test_nested_index_picks_this_machine_platform(tmp_path: Path) -> None:
+def test_nested_index_picks_this_machine_platform(whiteouts: None, tmp_path: Path) -> None:
     digests = oci_layout(tmp_path / "img", [(TOP, TAR)], nested=True)
     layers = resolve_rootfs(tmp_path / "img", str(tmp_path / "cache"), userxattr=True)
     assert [os.path.basename(p) for p in layers] == [digests[0] + "-u"]
@@ -236,7 +248,7 @@ def test_index_without_this_platform_is_refused(tmp_path: Path) -> None:
         resolve_rootfs(tmp_path / "img", str(tmp_path / "cache"), userxattr=True)
 
 
-def test_docker_save_archive(tmp_path: Path) -> None:
+def test_docker_save_archive(whiteouts: None, tmp_path: Path) -> None:
     archive = docker_save(tmp_path / "saved.tar", [BASE, TOP])
     layers = resolve_rootfs(archive, str(tmp_path / "cache"), userxattr=True)
     assert [os.path.basename(p) for p in layers] == [sha(TOP) + "-u", sha(BASE) + "-u"]
@@ -244,7 +256,7 @@ def test_docker_save_archive(tmp_path: Path) -> None:
     assert (Path(layers[1]) / "opq/sub/b").read_bytes() == b"b"
 
 
-def test_oci_layout_inside_a_tarball_shares_the_layers_of_the_directory(tmp_path: Path) -> None:
+def test_oci_layout_inside_a_tarball_shares_the_layers_of_the_directory(whiteouts: None, tmp_path: Path) -> None:
     oci_layout(tmp_path / "img", [(BASE, TAR_GZ), (TOP, TAR)])
     (tmp_path / "img/manifest.json").write_text('[{"Layers": ["nothing/here.tar"]}]')  # OCI wins over docker's file
     archive = tar_of_tree(tmp_path / "img", tmp_path / "oci.tar")
@@ -259,7 +271,7 @@ def test_oci_layout_inside_a_tarball_shares_the_layers_of_the_directory(tmp_path
 # --- the cache ---
 
 
-def test_layers_are_unpacked_once_and_archives_hashed_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_layers_are_unpacked_once_and_archives_hashed_once(whiteouts: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     unpacked: list[str] = []
     real_run = images._Unpacker.run
 
@@ -307,7 +319,7 @@ print(json.dumps(images.resolve_rootfs(sys.argv[1], sys.argv[2], userxattr=True)
 """
 
 
-def test_concurrent_processes_unpack_each_layer_once(tmp_path: Path) -> None:
+def test_concurrent_processes_unpack_each_layer_once(whiteouts: None, tmp_path: Path) -> None:
     many = [member(f"d{i // 50}/f{i}", b"%d" % i) for i in range(500)]
     oci_layout(tmp_path / "img", [(tar_bytes(*many, gz=True), TAR_GZ), (TOP, TAR)])
     log, go = tmp_path / "unpacks.log", tmp_path / "go"
