@@ -32,6 +32,14 @@ def why_and_fix(feature: Feature) -> tuple[str, str]:
     if feature.name == "cgroup limits":
         cause, _, fix = feature.detail.partition(" Fix: ")
         return (cause, fix or "run as root, or on cgroup v2: systemd-run --user --scope -p Delegate=yes pytest ...")
+    if feature.name == "user namespace sysctls":
+        return userns_blocker()
+    if feature.name == "cgroup version":
+        cause, _, fix = feature.detail.partition(" Fix: ")
+        return (cause, fix or "mount cgroup2: sudo mount -t cgroup2 none /sys/fs/cgroup")
+    if feature.name == "systemd user manager":
+        return (f"{feature.detail}: rootless on cgroup v2 the plugin asks it for a delegated scope",
+                "sudo loginctl enable-linger $USER (and log in once), or export XDG_RUNTIME_DIR=/run/user/$(id -u)")
     if feature.name == "fuse-overlayfs":
         return ("optional", "apt-get install fuse-overlayfs")
     return ("unknown", "see the detail")

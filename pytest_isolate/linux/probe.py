@@ -184,6 +184,60 @@ def _cgroup_feature(driver: Optional[Driver]) -> Feature:
     return Feature("cgroup limits", ok, detail, None, required=False)
 
 
+def _read(path: str) -> Optional[str]:
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
+USERNS_SYSCTLS = ("user.max_user_namespaces", "kernel.unprivileged_userns_clone",
+                  "kernel.apparmor_restrict_unprivileged_userns")
+
+
+def _sysctl_feature() -> Feature:
+    """The sysctls known to block unprivileged user namespaces, with their values."""
+    values = {name: _read("/proc/sys/" + name.replace(".", "/")) for name in USERNS_SYSCTLS}
+    blocking = (values["user.max_user_namespaces"] == "0" or values["kernel.unprivileged_userns_clone"] == "0"
+                or values["kernel.apparmor_restrict_unprivileged_userns"] == "1")
+    detail = ", ".join(f"{k}={v}" for k, v in values.items() if v is not None)
+    return Feature("user namespace sysctls", not blocking, detail or "none of them exists here", None, required=False)
+
+
+def _seccomp_feature() -> Feature:
+    """Whether a seccomp filter is on (containers' profiles refuse unshare/mount): informational."""
+    status = dict(line.split(":\t", 1) for line in (_read("/proc/self/status") or "").splitlines() if ":\t" in line)
+    mode = status.get("Seccomp", "?").strip()
+    filters = status.get("Seccomp_filters", "?").strip()
+    detail = {"0": "off", "1": "strict mode", "2": f"filter mode, {filters} filter(s): a profile may refuse unshare() or mount()"}
+    return Feature("seccomp", True, detail.get(mode, f"mode {mode}"), None, required=False)
+
+
+def _cgroup_version_feature(driver: Optional[Driver]) -> Feature:
+    """v1, v2 or none; hybrid hosts (controllers in v1, a controller-less cgroup2 beside) count as v1."""
+    driver = driver or detect()
+    if driver.name == "v2":
+        return Feature("cgroup version", True, "v2 (unified hierarchy)", None, required=False)
+    if driver.name == "v1":
+        hybrid = os.path.isdir("/sys/fs/cgroup/unified") and os.path.exists("/sys/fs/cgroup/unified/cgroup.controllers")
+        return Feature("cgroup version", True, "v1" + (" (hybrid: an empty cgroup2 at /sys/fs/cgroup/unified)" if hybrid else ""),
+                       None, required=False)
+    return Feature("cgroup version", False, getattr(driver, "reason", "no cgroup filesystem"), None, required=False)
+
+
+def _systemd_user_feature() -> Optional[Feature]:
+    """Rootless: the user's systemd manager, which hands out delegated scopes on cgroup v2."""
+    if os.getuid() == 0:
+        return None
+    runtime = os.environ.get("XDG_RUNTIME_DIR") or f"/run/user/{os.getuid()}"
+    for path in (os.path.join(runtime, "systemd", "private"), os.path.join(runtime, "bus")):
+        if os.path.exists(path):
+            return Feature("systemd user manager", True, f"reachable at {path}", None, required=False)
+    return Feature("systemd user manager", False, f"no socket under {runtime} (systemd/private or bus)", None,
+                   required=False)
+
+
 def probe(lower: str = "/usr", cgroups: Optional[Driver] = None) -> Capabilities:
     """Try every feature the sandbox needs, each in its own child process (a few ms in all).
 
@@ -199,5 +253,11 @@ def probe(lower: str = "/usr", cgroups: Optional[Driver] = None) -> Capabilities
     features.append(_named("tmpfs upper layer", lambda: _tmpfs_xattr_probe(userns), required=False))
     fuse = shutil.which("fuse-overlayfs")
     features.append(Feature("fuse-overlayfs", bool(fuse), fuse or "not installed", None, required=False))
+    features.append(_cgroup_version_feature(cgroups))
     features.append(_cgroup_feature(cgroups))
+    user_manager = _systemd_user_feature()
+    if user_manager is not None:
+        features.append(user_manager)
+    features.append(_sysctl_feature())
+    features.append(_seccomp_feature())
     return Capabilities(root=not userns, kernel=os.uname().release, features=tuple(features))
