@@ -130,6 +130,9 @@ def test_communicate(sandbox):
     assert proc.returncode == 0
 
 def test_left_running_by_a_failing_test(sandbox):
+    import os
+    with open("pytest-pid.txt", "w") as f:
+        f.write(str(os.getpid()))
     sandbox.popen(["sleep", "{{marker}}"])
     assert False, "fails with a server still running"
 """
@@ -141,6 +144,9 @@ def test_popen(pytester: pytest.Pytester, run: Runner) -> None:
     result = run("-v")
     result.assert_outcomes(passed=2, failed=1)
     assert _leftovers(marker) == []
+    prefix = f"pytest-isolate-{(pytester.path / 'pytest-pid.txt').read_text()}-"
+    cgroups = [os.path.join(d, n) for d, names, _ in os.walk("/sys/fs/cgroup") for n in names if n.startswith(prefix)]
+    assert cgroups == []  # every leaf and the session of the inner pytest are gone
 
 
 CALL = """
