@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 import signal
 from typing import Callable, Mapping, Optional
 
@@ -355,11 +356,15 @@ class V2Driver(cg.Driver):
         proc_self_cgroup: str,
         fs: CgroupFs,
         scope_starter: Optional[Callable[[str], object]] = None,
+        system_scope_starter: Optional[Callable[[str], object]] = None,
     ) -> None:
         self.root = root
         self.proc_self_cgroup = proc_self_cgroup
         self.fs = fs
         self.scope_starter = scope_starter if scope_starter is not None else _start_scope
+        # root: only on the real hierarchy (unit tests inject one or get none)
+        self.system_scope_starter = system_scope_starter if system_scope_starter is not None else (
+            _start_system_scope if root == "/sys/fs/cgroup" else None)
         self.euid = os.geteuid()
         self._problem: Optional[str] = None
         self._checked = False
@@ -397,12 +402,31 @@ class V2Driver(cg.Driver):
     def _find_problem(self) -> Optional[str]:
         own = self.own_cgroup()
         if self.delegated(own):
+            if self.euid == 0 and self._shared(own):
+                self._root_scope()
             return None
         if self.fs.read_only(self.root):
             return f"the cgroup filesystem at {self.root} is mounted read-only (a container?). Fix: {FIX_RO}"
         if self.euid == 0:
             return f"{own} is not writable although we are root. Fix: {FIX_RO}"
         return self._try_scope(own)
+
+    def _shared(self, own: str) -> bool:
+        """Does ``own`` (or our supervisor leaf in it) hold processes other than us?"""
+        me = os.getpid()
+        where = [own, os.path.join(own, SUPERVISOR)]
+        return any(pid != me for pid in cg.pids_in(self.fs, [d for d in where if self.fs.isdir(d)]))
+
+    def _root_scope(self) -> None:
+        """Root in a cgroup shared with other processes (a systemd service such as a CI job):
+        leave them alone and take a delegated scope from the system manager (see
+        systemd.start_delegated_scope for why); without systemd, they are moved as before."""
+        if self.system_scope_starter is None:
+            return
+        try:
+            self.system_scope_starter(self.proc_self_cgroup)
+        except CgroupError:
+            pass
 
     def _try_scope(self, own: str) -> Optional[str]:
         """Rootless and not delegated: ask the user's systemd manager for a delegated scope."""
@@ -444,3 +468,10 @@ def _start_scope(proc_self_cgroup: str) -> object:
 
     return systemd.start_delegated_scope(proc_self_cgroup)
 
+
+def _start_system_scope(proc_self_cgroup: str) -> object:
+    from pytest_isolate.linux import systemd
+
+    if not os.path.exists(systemd.SYSTEM_PRIVATE) and shutil.which("busctl") is None:
+        raise CgroupError("no systemd system manager")
+    return systemd.start_delegated_scope(proc_self_cgroup, system=True)

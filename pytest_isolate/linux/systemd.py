@@ -50,21 +50,33 @@ def scope_properties(pid: int) -> list[tuple[str, tuple[str, Any]]]:
     ]
 
 
-def start_delegated_scope(proc_self_cgroup: str = "/proc/self/cgroup", timeout: float = TIMEOUT) -> str:
+SYSTEM_PRIVATE = "/run/systemd/private"
+
+
+def start_delegated_scope(proc_self_cgroup: str = "/proc/self/cgroup", timeout: float = TIMEOUT,
+                          system: bool = False) -> str:
     """Move this process into a new delegated scope; return its cgroup path (as in
-    ``/proc/self/cgroup``).  Raises CgroupError saying what failed on each way tried."""
+    ``/proc/self/cgroup``).  Raises CgroupError saying what failed on each way tried.
+
+    ``system``: ask the system manager (root), not the user's. Root needs this where its cgroup is
+    a systemd service's (a CI job): enabling controllers there means moving the service's own
+    processes, and an OOM kill below it counts against the service, whose OOMPolicy=stop then
+    stops the whole job. A delegated scope holds only this process and defaults to
+    OOMPolicy=continue.
+    """
     pid = os.getpid()
     unit = f"{session_name(CgroupFs(), pid)}.scope"
     env = user_bus_env()
     failures = []
+    who = "system" if system else "user's"
     for way in (_via_private_socket, _via_busctl):
         try:
-            way(unit, pid, env)
+            way(unit, pid, env, system)
             break
         except CgroupError as e:
             failures.append(str(e))
     else:
-        raise CgroupError("the user's systemd manager gave no delegated scope (" + "; ".join(failures) + ")")
+        raise CgroupError(f"the {who} systemd manager gave no delegated scope (" + "; ".join(failures) + ")")
     return wait_for_scope(proc_self_cgroup, unit, timeout)
 
 
@@ -84,9 +96,9 @@ def wait_for_scope(proc_self_cgroup: str, unit: str, timeout: float) -> str:
         time.sleep(0.02)
 
 
-def busctl_command(unit: str, pid: int) -> list[str]:
+def busctl_command(unit: str, pid: int, system: bool = False) -> list[str]:
     """``busctl --user call ... StartTransientUnit`` with :func:`scope_properties`."""
-    args = ["busctl", "--user", "call", *MANAGER, "StartTransientUnit", SIGNATURE, unit, "fail"]
+    args = ["busctl", "--system" if system else "--user", "call", *MANAGER, "StartTransientUnit", SIGNATURE, unit, "fail"]
     props = scope_properties(pid)
     args.append(str(len(props)))
     for name, (sig, value) in props:
@@ -102,21 +114,23 @@ def _busctl_value(sig: str, value: Any) -> list[str]:
     return [str(value)]
 
 
-def _via_busctl(unit: str, pid: int, env: dict[str, str]) -> None:
+def _via_busctl(unit: str, pid: int, env: dict[str, str], system: bool = False) -> None:
+    flag = "--system" if system else "--user"
     if shutil.which("busctl") is None:
         raise CgroupError("busctl is not installed")
     try:
-        done = subprocess.run(busctl_command(unit, pid), env=env, capture_output=True, text=True, timeout=TIMEOUT)
+        done = subprocess.run(busctl_command(unit, pid, system), env=env, capture_output=True, text=True, timeout=TIMEOUT)
     except subprocess.TimeoutExpired as e:
-        raise CgroupError(f"busctl --user did not answer within {TIMEOUT:.0f}s") from e
+        raise CgroupError(f"busctl {flag} did not answer within {TIMEOUT:.0f}s") from e
     if done.returncode != 0:
-        raise CgroupError(f"busctl --user call StartTransientUnit failed: {done.stderr.strip()}")
+        raise CgroupError(f"busctl {flag} call StartTransientUnit failed: {done.stderr.strip()}")
 
 
-def _via_private_socket(unit: str, pid: int, env: dict[str, str]) -> None:
-    path = os.path.join(env["XDG_RUNTIME_DIR"], "systemd", "private")
+def _via_private_socket(unit: str, pid: int, env: dict[str, str], system: bool = False) -> None:
+    path = SYSTEM_PRIVATE if system else os.path.join(env["XDG_RUNTIME_DIR"], "systemd", "private")
     if not os.path.exists(path):
-        raise CgroupError(f"no systemd user manager for uid {os.getuid()} ({path} does not exist)")
+        who = "systemd system manager" if system else f"systemd user manager for uid {os.getuid()}"
+        raise CgroupError(f"no {who} ({path} does not exist)")
     message = method_call(1, *MANAGER, "StartTransientUnit", SIGNATURE, [unit, "fail", scope_properties(pid), []])
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
@@ -126,7 +140,7 @@ def _via_private_socket(unit: str, pid: int, env: dict[str, str]) -> None:
             sock.sendall(message)
             reply_to(sock, 1)
     except OSError as e:
-        raise CgroupError(f"talking to the systemd user manager at {path} failed: {e}") from e
+        raise CgroupError(f"talking to the systemd manager at {path} failed: {e}") from e
 
 
 # ---------------------------------------------------------------- D-Bus wire protocol

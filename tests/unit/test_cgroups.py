@@ -506,6 +506,58 @@ def test_v2_failed_limit_removes_the_leaf(v2tree: tuple[FakeFs, Path, Path]) -> 
     session.remove()
 
 
+def test_v2_root_in_a_shared_service_cgroup_takes_a_system_scope(v2tree: tuple[FakeFs, Path, Path]) -> None:
+    """Root whose cgroup also holds the CI job's other processes asks the system manager for a
+    delegated scope instead of moving them (an OOM below the service would stop the whole job)."""
+    fs, root, proc = v2tree
+    (root / "system.slice" / "job.service" / "cgroup.procs").write_text(f"{ME}\n4242\n")
+    scope = "/system.slice/pytest-isolate-1-ab.scope"
+    asked: list[str] = []
+
+    def start(proc_self_cgroup: str) -> str:
+        asked.append(proc_self_cgroup)
+        fs.mkdir(str(root / scope[1:]))
+        fs.write(str(root / scope[1:] / "cgroup.procs"), str(ME))
+        (root / "system.slice" / "job.service" / "cgroup.procs").write_text("4242\n")
+        Path(proc_self_cgroup).write_text(f"0::{scope}\n")
+        return scope
+
+    driver = _v2(fs, root, proc, system_scope_starter=start)
+    driver.euid = 0
+    assert driver.available()[0]
+    session = driver.open_session()
+    assert asked and session.path.startswith(f"{root}{scope}/pytest-isolate-")
+    assert (root / "system.slice" / "job.service" / "cgroup.procs").read_text() == "4242\n"  # left alone
+    session.remove()
+
+
+def test_v2_root_alone_in_its_cgroup_needs_no_scope(v2tree: tuple[FakeFs, Path, Path]) -> None:
+    fs, root, proc = v2tree
+
+    def start(proc_self_cgroup: str) -> str:
+        raise AssertionError("no scope needed: pytest is alone in its cgroup")
+
+    driver = _v2(fs, root, proc, system_scope_starter=start)
+    driver.euid = 0
+    assert driver.available()[0]
+    driver.open_session().remove()
+
+
+def test_v2_root_without_systemd_moves_the_others(v2tree: tuple[FakeFs, Path, Path]) -> None:
+    fs, root, proc = v2tree
+    (root / "system.slice" / "job.service" / "cgroup.procs").write_text(f"{ME}\n4242\n")
+
+    def no_manager(proc_self_cgroup: str) -> str:
+        raise CgroupError("no systemd system manager")
+
+    driver = _v2(fs, root, proc, system_scope_starter=no_manager)
+    driver.euid = 0
+    assert driver.available()[0]
+    session = driver.open_session()
+    assert session.path.startswith(str(root / "system.slice" / "job.service" / "pytest-isolate-"))
+    session.remove()
+
+
 def test_v2_rootless_without_delegation_or_systemd(v2tree: tuple[FakeFs, Path, Path]) -> None:
     fs, root, proc = v2tree
     fs.readonly.add(str(root / "system.slice" / "job.service"))
