@@ -446,9 +446,15 @@ class V2Driver(cg.Driver):
         own = self.own_cgroup()
         for stale in cg.stale_sessions(self.fs, own):
             destroy(self.fs, stale)
+        scope_parents = set()
         if own.endswith(".scope") and cg.parse_session_name(os.path.basename(own)):
-            for scope in cg.stale_sessions(self.fs, os.path.dirname(own)):
-                empty_scope(self.fs, scope)
+            scope_parents.add(os.path.dirname(own))
+        if self.euid == 0:  # where the system manager puts the scopes of root sessions
+            scope_parents.add(os.path.join(self.root, "system.slice"))
+        for parent in sorted(scope_parents):
+            for scope in cg.stale_sessions(self.fs, parent):
+                if scope.endswith(".scope"):
+                    empty_scope(self.fs, scope)
         enable_ancestors(self.fs, self.root, own)
         enable_in_own(self.fs, own)
         try:
