@@ -8,18 +8,10 @@ from __future__ import annotations
 
 import errno
 import os
-from typing import Optional
 
 from ..linux.cgroups import INSIDE_ENV
+from ..linux.probe import read_text
 from .factory import SetupFailure
-
-
-def _read(path: str) -> Optional[str]:
-    try:
-        with open(path) as f:
-            return f.read().strip()
-    except OSError:
-        return None
 
 
 def in_container() -> bool:
@@ -34,13 +26,13 @@ CONTAINER_FIX = (
 
 def userns_blocker() -> tuple[str, str]:
     """(what blocks unprivileged user namespaces, the command that lifts it)."""
-    if _read("/proc/sys/kernel/apparmor_restrict_unprivileged_userns") == "1":
+    if read_text("/proc/sys/kernel/apparmor_restrict_unprivileged_userns") == "1":
         return ("AppArmor restricts unprivileged user namespaces (kernel.apparmor_restrict_unprivileged_userns=1, "
                 "Ubuntu 23.10+)", "sudo sysctl -w kernel.apparmor_restrict_unprivileged_userns=0")
-    if _read("/proc/sys/kernel/unprivileged_userns_clone") == "0":
+    if read_text("/proc/sys/kernel/unprivileged_userns_clone") == "0":
         return ("unprivileged user namespaces are disabled (kernel.unprivileged_userns_clone=0, Debian)",
                 "sudo sysctl -w kernel.unprivileged_userns_clone=1")
-    if _read("/proc/sys/user/max_user_namespaces") == "0":
+    if read_text("/proc/sys/user/max_user_namespaces") == "0":
         return ("user namespaces are disabled (user.max_user_namespaces=0)", "sudo sysctl -w user.max_user_namespaces=15000")
     if in_container():
         return ("the container's seccomp/AppArmor profile forbids unshare()", CONTAINER_FIX)

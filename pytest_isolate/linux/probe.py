@@ -184,7 +184,8 @@ def _cgroup_feature(driver: Optional[Driver]) -> Feature:
     return Feature("cgroup limits", ok, detail, None, required=False)
 
 
-def _read(path: str) -> Optional[str]:
+def read_text(path: str) -> Optional[str]:
+    """A small kernel file's stripped text (a sysctl, a status file), or None if unreadable."""
     try:
         with open(path) as f:
             return f.read().strip()
@@ -198,7 +199,7 @@ USERNS_SYSCTLS = ("user.max_user_namespaces", "kernel.unprivileged_userns_clone"
 
 def _sysctl_feature() -> Feature:
     """The sysctls known to block unprivileged user namespaces, with their values."""
-    values = {name: _read("/proc/sys/" + name.replace(".", "/")) for name in USERNS_SYSCTLS}
+    values = {name: read_text("/proc/sys/" + name.replace(".", "/")) for name in USERNS_SYSCTLS}
     blocking = (values["user.max_user_namespaces"] == "0" or values["kernel.unprivileged_userns_clone"] == "0"
                 or values["kernel.apparmor_restrict_unprivileged_userns"] == "1")
     detail = ", ".join(f"{k}={v}" for k, v in values.items() if v is not None)
@@ -207,7 +208,7 @@ def _sysctl_feature() -> Feature:
 
 def _seccomp_feature() -> Feature:
     """Whether a seccomp filter is on (containers' profiles refuse unshare/mount): informational."""
-    status = dict(line.split(":\t", 1) for line in (_read("/proc/self/status") or "").splitlines() if ":\t" in line)
+    status = dict(line.split(":\t", 1) for line in (read_text("/proc/self/status") or "").splitlines() if ":\t" in line)
     mode = status.get("Seccomp", "?").strip()
     filters = status.get("Seccomp_filters", "?").strip()
     detail = {"0": "off", "1": "strict mode", "2": f"filter mode, {filters} filter(s): a profile may refuse unshare() or mount()"}
