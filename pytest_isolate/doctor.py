@@ -27,10 +27,14 @@ def why_and_fix(feature: Feature) -> tuple[str, str]:
     if feature.name == "overlay mount":
         return ("overlayfs refused a mount in this namespace (needs kernel >= 5.11 rootless)",
                 "upgrade the kernel, run as root, or install fuse-overlayfs (apt-get install fuse-overlayfs)")
+    if feature.name == "tmpfs upper layer" and "unshare" in feature.detail:
+        return userns_blocker()
     if feature.name == "tmpfs upper layer":
         return ("tmpfs holds user xattrs only from kernel 6.6", "nothing to do: upper layers go to disk under /var/tmp and /tmp")
     if feature.name == "cgroup limits":
         cause, _, fix = feature.detail.partition(" Fix: ")
+        if in_container() and "no controller hierarchy" in cause:
+            fix = "give the container its cgroups: docker run --cgroupns=private --privileged (or podman run --security-opt unmask=/sys/fs/cgroup)"
         return (cause, fix or "run as root, or on cgroup v2: systemd-run --user --scope -p Delegate=yes pytest ...")
     if feature.name == "user namespace sysctls":
         return userns_blocker()
