@@ -296,6 +296,9 @@ def _scan(real: str, where: str) -> tuple[set[str], str]:
                     names.add("/".join(_split(member.name, where)[:1]))
                     _forget_headers(tar)
         except _BAD_ARCHIVE:
+            if len(reader.head) == 512 and not reader.head.strip(b"\0"):
+                # only end-of-archive blocks: Python < 3.10 calls that an error, later ones no members
+                raise ImageError(f"{where}: empty tar archive") from None
             if reader.head.startswith(_ZSTD_MAGIC):
                 raise ImageError(f"{where}: zstd-compressed archives are not supported") from None
             raise ImageError(f"{where}: {NOT_AN_IMAGE}") from None
@@ -321,7 +324,7 @@ class _Hashing(io.RawIOBase):
         data = self.raw.read(len(view))
         view[: len(data)] = data
         self.sha256.update(data)
-        self.head = self.head or data[:4]
+        self.head = self.head or data[:512]
         return len(data)
 
     def drain(self) -> str:
