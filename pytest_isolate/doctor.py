@@ -20,6 +20,8 @@ def why_and_fix(feature: Feature) -> tuple[str, str]:
     """The cause of a missing feature and the command that fixes it."""
     if feature.name.endswith("namespace") or feature.name in ("loopback network", "hostname"):
         return userns_blocker()
+    if "unshare(" in feature.detail:  # the probe never got as far as its own step
+        return userns_blocker()
     if feature.name == "fresh /proc":
         if in_container():
             return ("the container masks parts of /proc, so the kernel refuses a new proc mount", CONTAINER_FIX)
@@ -27,8 +29,6 @@ def why_and_fix(feature: Feature) -> tuple[str, str]:
     if feature.name == "overlay mount":
         return ("overlayfs refused a mount in this namespace (needs kernel >= 5.11 rootless)",
                 "upgrade the kernel, run as root, or install fuse-overlayfs (apt-get install fuse-overlayfs)")
-    if feature.name == "tmpfs upper layer" and "unshare" in feature.detail:
-        return userns_blocker()
     if feature.name == "tmpfs upper layer":
         return ("tmpfs holds user xattrs only from kernel 6.6", "nothing to do: upper layers go to disk under /var/tmp and /tmp")
     if feature.name == "cgroup limits":
