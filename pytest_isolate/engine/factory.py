@@ -196,10 +196,6 @@ class _Workshop:
             if ours is not None:
                 ours.close()
             return {"id": ident, "error": answer}
-        if ours is not None:
-            assert self.fds is not None
-            socket.send_fds(self.fds, [str(ident).encode()], [ours.fileno()])
-            ours.close()
         with open(f"/proc/{holder}/task/{holder}/children") as f:
             init = int(f.read().split()[0])
         self.live[ident] = (holder, init, bp.root.upper_bases)
@@ -213,6 +209,10 @@ class _Workshop:
                 ours.close()
             return {"id": ident, "error": {"step": "cgroup limits", "errno": exc.errno,
                                            "message": f"cannot move the sandbox's init into {path}: {exc.strerror}"}}
+        if ours is not None:  # sent only for a sandbox that is ready: the client pairs it with the answer
+            assert self.fds is not None
+            socket.send_fds(self.fds, [str(ident).encode()], [ours.fileno()])
+            ours.close()
         return {"id": ident, "holder": holder, "init": init, "control": bp.control}
 
     def kill(self, ident: int) -> None:
