@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import select
 import signal
 import socket
@@ -21,6 +20,7 @@ from typing import IO, Any, Callable, Optional, Union
 from ..linux.cgroups import CgroupError, Leaf
 from .accounting import Measurement, from_cgroup
 from .factory import Prepared
+from .spec import SandboxSpec
 
 PIPE, DEVNULL = subprocess.PIPE, subprocess.DEVNULL
 Stream = Union[None, int, IO[Any]]
@@ -68,7 +68,7 @@ class SandboxProcess:
 
     def __init__(self, args: list[str], sandbox: Prepared, leaf: Optional[Leaf], release: Callable[[], None], *,
                  env: dict[str, str], cwd: str, timeout: Optional[float], stdin: Stream, stdout: Stream,
-                 stderr: Stream, on_started: Optional[Callable[[], None]] = None) -> None:
+                 stderr: Stream, spec: SandboxSpec) -> None:
         assert sandbox.control is not None
         self.args = args
         self.leaf = leaf
@@ -78,7 +78,7 @@ class SandboxProcess:
         self.timed_out = False
         self.hostname: str = ""
         self.address: Optional[str] = None  # on a Sandbox network: its IPv4 address there
-        self._status: Optional[int] = None
+        self.spec = spec  # its options: limits, hostname, ...
         self._final: Optional[Measurement] = None
         self._rusage: dict[str, float] = {}
         self._sampled_peak = 0.0
@@ -109,8 +109,6 @@ class SandboxProcess:
                     stream.close()
             self._end()
             raise
-        if on_started is not None:
-            on_started()
 
     # ------------------------------------------------------------------------------ waiting --
 
@@ -134,7 +132,6 @@ class SandboxProcess:
         self.wall = time.monotonic() - self.start
         status = message.get("status")
         self.timed_out = bool(message.get("timed_out"))
-        self._status = status
         if status is None:
             self.returncode = -signal.SIGKILL  # the init died: the sandbox was killed from outside
         elif os.WIFSIGNALED(status):
@@ -153,7 +150,7 @@ class SandboxProcess:
             except (OSError, CgroupError):
                 pass
         values: dict[str, Optional[float]] = {"wall": wall}
-        if self._final is None and self._status is None and self.returncode is None:
+        if self.returncode is None:
             values.update(self._sample())
         elif self._rusage:
             values.update(cpu_user=self._rusage["utime"], cpu_system=self._rusage["stime"],

@@ -130,10 +130,9 @@ class Sandbox:
         return dict(values)
 
     def _options(self, overrides: Mapping[str, Any], where: str) -> tuple[SandboxSpec, dict[str, Any]]:
-        merged = {**self._defaults, **{k: v for k, v in self._split(overrides, where).items()}}
+        merged = {**self._defaults, **self._split(overrides, where)}
         spec_values = {k: v for k, v in merged.items() if k in FIELD_NAMES}
         extra = {k: v for k, v in merged.items() if k not in FIELD_NAMES}
-        network = extra.get("network")
         spec = build_spec(spec_values, where, allowed=FIELD_NAMES, defaults=SandboxSpec(hostname="sandbox"))
         return spec, extra
 
@@ -258,7 +257,7 @@ class Sandbox:
                 release()
                 raise
         proc = SandboxProcess(argv, prepared, leaf, release, env=env, cwd=plan.cwd, timeout=spec.timeout,
-                              stdin=stdin, stdout=stdout, stderr=stderr)
+                              stdin=stdin, stdout=stdout, stderr=stderr, spec=spec)
         proc.hostname, proc.address = spec.hostname, address
         self._live.append(proc)
         if network is None:
@@ -282,7 +281,7 @@ class Sandbox:
         result = SandboxResult(proc.args, proc.returncode if proc.returncode is not None else -signal.SIGKILL,
                                out.decode(errors="replace") if text and out is not None else out,
                                err.decode(errors="replace") if text and err is not None else err,
-                               proc.timed_out, proc.oom_killed, proc.usage(), self._options(options, "")[0])
+                               proc.timed_out, proc.oom_killed, proc.usage(), proc.spec)
         if check:
             result.check_returncode()
         return result
