@@ -228,18 +228,19 @@ class Launcher:
 
     def tidy(self) -> None:
         """Remove the leaves of sandboxes that have ended (best effort; close() insists)."""
+        self._remove_retired(keep_failed=True)
+
+    def _remove_retired(self, keep_failed: bool = False) -> None:
         failed = []
         while self.retired:
             leaf = self.retired.pop()
             try:
                 leaf.remove()
             except CgroupError:
+                if not keep_failed:
+                    raise
                 failed.append(leaf)  # kept: close() tries again and reports
         self.retired.extend(failed)
-
-    def _remove_retired(self) -> None:
-        while self.retired:
-            self.retired.pop().remove()
 
     def live_usage(self) -> Measurement:
         """In a payload: its sandbox's usage so far (cgroup counters, or rusage estimates)."""
@@ -439,8 +440,7 @@ class Launcher:
             os.waitpid(pid, 0)
             raise
         finally:
-            _kill(sandbox.init)
-            self._factory().discard(sandbox.ident)
+            self.release(sandbox, None)  # the leaf is retired by launch(), after its usage is read
             self.current = None
             outcome.wall = time.monotonic() - start
             outcome.records = list(chan.records())
