@@ -61,22 +61,26 @@ class _Builder:
         self.opts = opts
         self.layers = 0
 
-    def scratch_for(self, path: str) -> str:
+    def scratch_for(self, *lowers: str) -> str:
+        """Where the upper layer of an overlay of ``lowers`` goes: never inside one of them."""
         for base in self.opts.upper_bases:
-            if not (base + "/").startswith(path.rstrip("/") + "/"):
+            if not any((base + "/").startswith(lower.rstrip("/") + "/") for lower in lowers):
                 return OLD + base
         if self.opts.upper_bases:
-            raise OSError(22, f"no upper layer base outside {path} (bases: {', '.join(self.opts.upper_bases)})")
+            raise OSError(22, f"no upper layer base outside {', '.join(lowers)} (bases: {', '.join(self.opts.upper_bases)})")
         return SCRATCH
+
+    def upper_and_work(self, scratch: str) -> tuple[str, str]:
+        """Fresh upper and work directories of the next overlay, under ``scratch``."""
+        self.layers += 1
+        upper, work = f"{scratch}/{self.layers}/upper", f"{scratch}/{self.layers}/work"
+        os.makedirs(upper)
+        os.mkdir(work)
+        return upper, work
 
     def overlay(self, path: str) -> None:
         lower, target = OLD + path, NEW + path
-        self.layers += 1
-        scratch = self.scratch_for(path)
-        upper = f"{scratch}/{self.layers}/upper"
-        work = f"{scratch}/{self.layers}/work"
-        os.makedirs(upper)
-        os.mkdir(work)
+        upper, work = self.upper_and_work(self.scratch_for(path))
         _copy_mode(lower, upper)
         os.makedirs(target, exist_ok=True)
         data = f"lowerdir={_escape(lower)},upperdir={_escape(upper)},workdir={_escape(work)}"
@@ -91,24 +95,13 @@ class _Builder:
         """The whole root filesystem as one overlay: its lower is a non-recursive bind of ``/``."""
         os.mkdir(LOWER)
         libc.mount(OLD, LOWER, None, libc.MS_BIND)
-        self.layers += 1
-        upper, work = f"{SCRATCH}/{self.layers}/upper", f"{SCRATCH}/{self.layers}/work"
-        os.makedirs(upper)
-        os.mkdir(work)
+        upper, work = self.upper_and_work(SCRATCH)
         _copy_mode(OLD, upper)
         libc.mount("overlay", NEW, "overlay", 0, f"lowerdir={LOWER},upperdir={upper},workdir={work}")
 
     def image(self) -> None:
         """The root is the image's layers, copy-on-write (an upper may not sit inside a layer)."""
-        self.layers += 1
-        scratch = SCRATCH
-        for base in self.opts.upper_bases:
-            if not any((base + "/").startswith(layer.rstrip("/") + "/") for layer in self.opts.layers):
-                scratch = OLD + base
-                break
-        upper, work = f"{scratch}/{self.layers}/upper", f"{scratch}/{self.layers}/work"
-        os.makedirs(upper)
-        os.mkdir(work)
+        upper, work = self.upper_and_work(self.scratch_for(*self.opts.layers))
         os.chmod(upper, 0o755)
         # mount(2) takes one page of options: name cached layers relative to their common directory
         parents = {os.path.dirname(layer) for layer in self.opts.layers}
