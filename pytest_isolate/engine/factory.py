@@ -274,23 +274,26 @@ def serve(stdin: IO[str], stdout: IO[str], parent: int, fds: int = -1) -> None:
 # ---------------------------------------------------------------------------------- client side --
 
 
+def start_helper(module: str, call: str, pass_fds: tuple[int, ...] = ()) -> "subprocess.Popen[str]":
+    """A small helper process (the factory, a network's switch): a fresh, isolated interpreter that
+    imports only ``pytest_isolate.engine.<module>`` and runs ``call``, talking JSON lines over its
+    stdin/stdout. Its own session: a terminal's Ctrl-C goes to pytest, which decides."""
+    package_parent = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    code = f"import sys; sys.path.insert(0, {package_parent!r}); from pytest_isolate.engine.{module} import serve; {call}"
+    return subprocess.Popen(
+        [sys.executable, "-I", "-S", "-c", code],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1, close_fds=True,
+        pass_fds=pass_fds, start_new_session=True,
+    )
+
+
 class Factory:
     """The supervisor's handle on its factory process (started on first use, one per pytest process)."""
 
     def __init__(self) -> None:
-        package_parent = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         self.fds, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        code = (
-            f"import sys; sys.path.insert(0, {package_parent!r}); "
-            "from pytest_isolate.engine.factory import serve; "
-            f"serve(sys.stdin, sys.stdout, {os.getpid()}, {theirs.fileno()})"
-        )
-        self.proc = subprocess.Popen(
-            [sys.executable, "-I", "-S", "-c", code],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1, close_fds=True,
-            pass_fds=(theirs.fileno(),),
-            start_new_session=True,  # a terminal's Ctrl-C goes to pytest, which decides; never to the inits
-        )
+        self.proc = start_helper("factory", f"serve(sys.stdin, sys.stdout, {os.getpid()}, {theirs.fileno()})",
+                                 pass_fds=(theirs.fileno(),))
         theirs.close()
         self.next_id = 0
         self.answers: dict[int, dict[str, Any]] = {}

@@ -14,11 +14,11 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
 from typing import Any, Iterable, Optional, Union
 
 from .errors import IsolationUnavailable
+from .factory import start_helper
 
 
 class NetworkError(RuntimeError):
@@ -47,12 +47,8 @@ class Network:
         with open(self.hosts, "w") as f:
             f.write("127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n")
         self._count = 0
-        package_parent = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-        code = (f"import sys; sys.path.insert(0, {package_parent!r}); from pytest_isolate.engine.switch import serve; "
-                f"serve(sys.stdin, sys.stdout, {self.userns}, {os.getuid()}, {os.getgid()})")
-        self.proc: Optional[subprocess.Popen[str]] = subprocess.Popen(
-            [sys.executable, "-I", "-S", "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-            bufsize=1, close_fds=True, start_new_session=True)
+        self.proc: Optional[subprocess.Popen[str]] = start_helper(
+            "switch", f"serve(sys.stdin, sys.stdout, {self.userns}, {os.getuid()}, {os.getgid()})")
         try:
             self._answer("create the network")
         except NetworkError as exc:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import sys
 from typing import IO, Any
 
 from ..linux import libc
@@ -112,6 +111,3 @@ def serve(stdin: IO[str], stdout: IO[str], userns: bool, uid: int, gid: int) -> 
         stdout.write(json.dumps(answer) + "\n")
         stdout.flush()
 
-
-if __name__ == "__main__":  # pragma: no cover - started by Network with -I -S -c
-    serve(sys.stdin, sys.stdout, sys.argv[1] == "1", int(sys.argv[2]), int(sys.argv[3]))
