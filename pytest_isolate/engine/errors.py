@@ -26,6 +26,14 @@ class SandboxCallError(RuntimeError):
     """``Sandbox.call``: the callable's process died before returning, or the traceback of its exception."""
 
 
+def signal_name(num: int) -> str:
+    """"SIGSEGV" for 11; "signal 77" for a number this Python has no name for."""
+    try:
+        return signal.Signals(num).name
+    except ValueError:
+        return f"signal {num}"
+
+
 def _ending(result: "SandboxResult") -> str:
     spec = result.spec
     if result.timed_out:
@@ -34,11 +42,7 @@ def _ending(result: "SandboxResult") -> str:
         return (f"OOM-killed: memory limit {human_bytes(spec.memory)} reached "
                 f"(peak {human_bytes(result.usage.memory_peak)})")
     if result.returncode < 0:
-        try:
-            name = signal.Signals(-result.returncode).name
-        except ValueError:
-            name = f"signal {-result.returncode}"
-        return f"killed by {name}"
+        return f"killed by {signal_name(-result.returncode)}"
     return f"exit status {result.returncode}"
 
 

@@ -24,7 +24,7 @@ from ..linux.mounts import Step
 from ..linux.rootfs import RootOptions
 from .accounting import Measurement
 from .channel import Channel
-from .errors import IsolationDegradedWarning, IsolationUnavailable, SandboxCallError, SandboxRunError
+from .errors import IsolationDegradedWarning, IsolationUnavailable, SandboxCallError, SandboxRunError, signal_name
 from .explain import explain
 from .factory import SetupFailure
 from .host import current_host, disk_upper_dirs, remove_tree
@@ -371,5 +371,5 @@ def _how_it_died(outcome: Any, func: Callable[..., Any]) -> str:
     if usage is not None and usage.oom_kills:
         return f"{name} was OOM-killed in the sandbox (memory limit {outcome.spec.memory} bytes)"
     if outcome.signal is not None:
-        return f"{name} crashed with {signal.Signals(outcome.signal).name} in the sandbox"
+        return f"{name} crashed with {signal_name(outcome.signal)} in the sandbox"
     return f"{name} ended the sandboxed process with exit status {outcome.exit_code} before returning"

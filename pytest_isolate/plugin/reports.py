@@ -13,6 +13,7 @@ import pytest
 
 from ..engine.channel import Channel
 from ..engine.accounting import human_bytes
+from ..engine.errors import signal_name
 
 
 def send_report(chan: Channel, config: pytest.Config, report: pytest.TestReport) -> None:
@@ -36,11 +37,7 @@ def describe_status(status: Optional[int]) -> str:
         return "died without reporting its exit status"
     if os.WIFSIGNALED(status):
         num = os.WTERMSIG(status)
-        try:
-            name = signal.Signals(num).name
-        except ValueError:
-            name = f"signal {num}"
-        return f"crashed with {name} (signal {num})"
+        return f"crashed with {signal_name(num)} (signal {num})"
     return f"exited with status {os.WEXITSTATUS(status)}"
 
 
