@@ -260,8 +260,10 @@ class Sandbox:
                               stdin=stdin, stdout=stdout, stderr=stderr, spec=spec)
         proc.hostname, proc.address = spec.hostname, address
         self._live.append(proc)
-        if network is None:
-            launcher.prepare(plan)  # the next sandbox like this one is built while this one runs
+        if network is None and not plan.root.upper_bases:
+            # the next sandbox like this one is built while this one runs (not with upper layers on
+            # disk: each sandbox has its own, so no later plan could take the one built ahead)
+            launcher.prepare(plan)
         launcher.tidy()  # cgroup leaves of ended sandboxes go while this program runs
         return proc
 
