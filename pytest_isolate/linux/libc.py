@@ -7,7 +7,6 @@ Every function declares ``argtypes``/``restype`` and shares one ``errcheck`` tha
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 from typing import Any, Callable, Optional
 
@@ -35,7 +34,18 @@ MNT_DETACH = 2
 PR_SET_PDEATHSIG = 1
 PR_SET_CHILD_SUBREAPER = 36
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+def _load_libc() -> ctypes.CDLL:
+    """The C library the interpreter runs on, found without ctypes.util (which imports subprocess,
+    shutil and tempfile: megabytes that every fork of the sandbox factory would copy)."""
+    lib = ctypes.CDLL(None, use_errno=True)  # the interpreter's own symbols: its libc included
+    if hasattr(lib, "unshare"):
+        return lib
+    from ctypes.util import find_library
+
+    return ctypes.CDLL(find_library("c") or "libc.so.6", use_errno=True)
+
+
+_libc = _load_libc()
 
 
 def _errcheck(result: int, func: Any, args: tuple[Any, ...]) -> int:
