@@ -5,23 +5,28 @@ pytest process is the biggest one around. So the namespaces, the copy-on-write r
 (PID 1) of the *next* sandbox are made by the factory — an exec'd, small Python process — while the
 current test runs; the test's process then only forks and joins them with ``setns``.
 
-Per sandbox the factory forks a **holder**, which unshares every namespace (and writes the id
-maps), and the holder forks the **init**, PID 1 of the new PID namespace, which builds the root,
-sets the hostname, brings ``lo`` up, reports ready, then reaps orphans and forwards SIGTERM/SIGINT/
-SIGHUP to PID 2 until it is killed. Killing the init ends the PID namespace and every process in
-it; the holder then exits and the factory reaps it and removes on-disk upper layers.
+Per sandbox the factory forks the **init**, PID 1 of a new PID namespace, which unshares the other
+namespaces, builds the root, sets the hostname, brings ``lo`` up, reports ready, then reaps orphans
+and forwards SIGTERM/SIGINT/SIGHUP to PID 2 until it is killed. Killing the init ends the PID
+namespace and every process in it; the factory reaps it and removes on-disk upper layers. With a
+user namespace (rootless) the factory cannot point its own children into a new PID namespace, so a
+**holder** child unshares every namespace (and writes the id maps) and forks the init.
+
+Each fork copies the factory's page tables and each sandbox's Python touches (copies) some of its
+pages, so the factory imports little (no subprocess, no ctypes.util) and freezes its heap for the
+garbage collector.
 """
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import signal
 import socket
-import subprocess
 import sys
 from dataclasses import asdict, dataclass
-from typing import IO, Any, NoReturn, Optional
+from typing import IO, TYPE_CHECKING, Any, NoReturn, Optional
 
 from ..linux import libc
 from ..linux.mounts import Step
@@ -29,6 +34,9 @@ from ..linux.net import loopback_up
 from ..linux.rootfs import RootOptions, build_root
 from ..linux.userns import unshare_with_full_map, write_identity_maps
 from .execd import serve_control  # imported now: after pivot_root (e.g. into an image) nothing can be
+
+if TYPE_CHECKING:
+    import subprocess  # the client's only: the factory process, forked per sandbox, stays small
 
 FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
@@ -132,6 +140,24 @@ def _holder(bp: Blueprint, ready: int, control: Optional[socket.socket]) -> NoRe
     os._exit(0)
 
 
+def _fork_init(bp: Blueprint, ready: int, control: Optional[socket.socket], own_pid_ns: int) -> int:
+    """Without a user namespace (root): fork the init straight into a new PID namespace — no
+    holder process to fork, wait for and reap. ``unshare(CLONE_NEWPID)`` only points our next
+    child there; we point ours back at once."""
+    libc.unshare(libc.CLONE_NEWPID)
+    try:
+        init = os.fork()
+        if init == 0:
+            try:
+                _step(ready, "unshare", lambda: libc.unshare(_flags(bp) & ~libc.CLONE_NEWPID))
+                _init(bp, ready, control)
+            finally:
+                os._exit(1)
+    finally:
+        libc.setns(own_pid_ns, libc.CLONE_NEWPID)
+    return init
+
+
 def _init(bp: Blueprint, ready: int, control: Optional[socket.socket]) -> NoReturn:
     libc.prctl(libc.PR_SET_PDEATHSIG, signal.SIGKILL)
     _step(ready, "build root", lambda: build_root(bp.root))
@@ -175,11 +201,21 @@ class _Workshop:
         self.live: dict[int, tuple[int, int, tuple[str, ...]]] = {}
         self.dying: dict[int, tuple[str, ...]] = {}
         self.fds = fds  # where control sockets go to the client (SCM_RIGHTS)
+        self.own_pid_ns = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
 
     def build(self, ident: int, bp: Blueprint, cgroup: Any = ()) -> dict[str, Any]:
         read, write = os.pipe()
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET) if bp.control else (None, None)
-        holder = os.fork()
+        direct = not bp.userns  # root: the init is our child, and its own holder
+        try:
+            holder = _fork_init(bp, write, theirs, self.own_pid_ns) if direct else os.fork()
+        except OSError as exc:
+            for fd in (read, write):
+                os.close(fd)
+            for sock in (ours, theirs):
+                if sock is not None:
+                    sock.close()
+            return {"id": ident, "error": {"step": "fork", "errno": exc.errno, "message": str(exc)}}
         if holder == 0:
             os.close(read)
             if ours is not None:
@@ -196,8 +232,11 @@ class _Workshop:
             if ours is not None:
                 ours.close()
             return {"id": ident, "error": answer}
-        with open(f"/proc/{holder}/task/{holder}/children") as f:
-            init = int(f.read().split()[0])
+        if direct:
+            init = holder
+        else:
+            with open(f"/proc/{holder}/task/{holder}/children") as f:
+                init = int(f.read().split()[0])
         self.live[ident] = (holder, init, bp.root.upper_bases)
         try:
             for path in cgroup:  # what the init starts is then born in the leaf: no migration later
@@ -257,6 +296,7 @@ def serve(stdin: IO[str], stdout: IO[str], parent: int, fds: int = -1) -> None:
     if fds >= 0:
         os.set_inheritable(fds, False)  # pass_fds made it inheritable: keep it out of the sandboxes
     shop = _Workshop(socket.socket(fileno=fds) if fds >= 0 else None)
+    gc.freeze()  # what is loaded now lives on: collections in the sandboxes' inits need not touch it
     try:
         for line in stdin:
             request = json.loads(line)
@@ -278,6 +318,8 @@ def start_helper(module: str, call: str, pass_fds: tuple[int, ...] = ()) -> "sub
     """A small helper process (the factory, a network's switch): a fresh, isolated interpreter that
     imports only ``pytest_isolate.engine.<module>`` and runs ``call``, talking JSON lines over its
     stdin/stdout. Its own session: a terminal's Ctrl-C goes to pytest, which decides."""
+    import subprocess
+
     package_parent = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     code = f"import sys; sys.path.insert(0, {package_parent!r}); from pytest_isolate.engine.{module} import serve; {call}"
     return subprocess.Popen(
@@ -343,6 +385,8 @@ class Factory:
         if self.proc.poll() is None:
             assert self.proc.stdin is not None
             self.proc.stdin.close()
+            import subprocess
+
             try:
                 self.proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
