@@ -2,7 +2,8 @@
 
 A memfd (not a pipe) so a sandbox can write any amount without the supervisor reading concurrently,
 and so every record written before a crash survives it. Records are JSON lines; a line cut short by a
-crash is ignored.
+crash is ignored. Beside it a pipe says "done": the payload has written its last record, so the
+supervisor can go on while the payload's process is still being torn down by the kernel.
 """
 
 from __future__ import annotations
@@ -17,12 +18,18 @@ class Channel:
 
     def __init__(self) -> None:
         self.fd = os.memfd_create("pytest-isolate", os.MFD_CLOEXEC)
+        self.done_fd, self._done_writer = os.pipe()  # readable once the payload called finished()
 
     def send(self, kind: str, **fields: Any) -> None:
         line = json.dumps({"kind": kind, **fields}, default=str).encode() + b"\n"
         view = memoryview(line)
         while view:
             view = view[os.write(self.fd, view) :]
+
+    def finished(self, **fields: Any) -> None:
+        """In the sandbox: the last record; nothing is sent after it."""
+        self.send("done", **fields)
+        os.write(self._done_writer, b"d")
 
     def records(self) -> Iterator[dict[str, Any]]:
         size = os.lseek(self.fd, 0, os.SEEK_END)
@@ -37,5 +44,6 @@ class Channel:
 
     def close(self) -> None:
         if self.fd >= 0:
-            os.close(self.fd)
+            for fd in (self.fd, self.done_fd, self._done_writer):
+                os.close(fd)
             self.fd = -1
