@@ -54,6 +54,7 @@ class State:
         self._launcher: Optional[Launcher] = None
         self._caps: Optional[Capabilities] = None
         self._driver: Optional[Driver] = None
+        self.plans: dict[tuple[SandboxSpec, str, str], Plan] = {}
 
     @property
     def caps(self) -> Capabilities:
@@ -146,12 +147,22 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 def _plan(item: pytest.Item, spec: SandboxSpec) -> Plan:
-    """The item's plan, made once: the next item's is made early, to build its sandbox ahead."""
+    """The item's plan, made once: the next item's is made early, to build its sandbox ahead.
+
+    Items with equal specs share one plan (and so one blueprint, serialized once), except where
+    every sandbox needs upper directories of its own on disk."""
     if PLAN_KEY not in item.stash:
         host = current_host()
         basetemp = str(item.config._tmp_path_factory.getbasetemp())  # type: ignore[attr-defined]
-        bases = disk_upper_dirs() if host.needs_disk_upper(spec) else ()
-        item.stash[PLAN_KEY] = host.plan(spec, cwd=os.getcwd(), writable=(basetemp,), upper_bases=bases)
+        cwd = os.getcwd()
+        if host.needs_disk_upper(spec):
+            item.stash[PLAN_KEY] = host.plan(spec, cwd=cwd, writable=(basetemp,), upper_bases=disk_upper_dirs())
+        else:
+            plans = _state(item.config).plans
+            key = (spec, cwd, basetemp)
+            if key not in plans:
+                plans[key] = host.plan(spec, cwd=cwd, writable=(basetemp,))
+            item.stash[PLAN_KEY] = plans[key]
     return item.stash[PLAN_KEY]
 
 
