@@ -112,8 +112,14 @@ def _fail_early(chan: Channel, step: str, exc: BaseException) -> NoReturn:
 
 def _join_cgroups(files: tuple[str, ...]) -> None:
     for path in files:
-        with open(path, "w") as f:
-            f.write("0\n")  # "0" means the writing process
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+            try:
+                os.write(fd, b"0")  # "0": the writing process (in ``tasks``: thread)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            raise OSError(exc.errno, f"cannot join the test's cgroup {path}: {exc.strerror}") from None
 
 
 def _payload(plan: Plan, chan: Channel, target: Callable[[Channel], int], fds: dict[str, int],
@@ -127,7 +133,13 @@ def _payload(plan: Plan, chan: Channel, target: Callable[[Channel], int], fds: d
         libc.prctl(libc.PR_SET_PDEATHSIG, signal.SIGKILL)
         os.environ[INSIDE_ENV] = "1"
         os.setpgid(0, 0)  # a terminal's Ctrl-C reaches the supervisor only; it decides
+    except BaseException as exc:
+        _fail_early(chan, "setns", exc)
+    try:
         _join_cgroups(procs)
+    except OSError as exc:
+        _fail_early(chan, "cgroup limits", exc)
+    try:
         _join(fds, plan)
         for fd in fds.values():
             os.close(fd)
@@ -246,7 +258,7 @@ class Launcher:
                 pass  # made again on the critical path, where its error reaches the test
 
     def tidy(self) -> None:
-        """Remove the leaves of sandboxes that have ended (best effort; close() insists)."""
+        """Remove the leaves of sandboxes that have ended (best effort, never waits; close() insists)."""
         self._remove_retired(keep_failed=True)
 
     def _reap(self, block: bool = False) -> None:
@@ -258,12 +270,19 @@ class Launcher:
                 self.exiting.remove(pid)
 
     def _remove_retired(self, keep_failed: bool = False) -> None:
+        """Remove retired leaves. While tests run (``keep_failed``) only the empty ones, with one
+        rmdir each: a leaf whose processes are still dying stays for the next call. At close,
+        every one, killing what is left and waiting for it."""
         self._reap()
         failed = []
         while self.retired:
             leaf = self.retired.pop()
             try:
-                leaf.remove()
+                if keep_failed:
+                    if not leaf.try_remove():
+                        failed.append(leaf)
+                else:
+                    leaf.remove()
             except CgroupError:
                 if not keep_failed:
                     raise
@@ -353,17 +372,21 @@ class Launcher:
             raise
 
     def _fork(self, plan: Plan, chan: Channel, target: Callable[[Channel], int], fds: dict[str, int],
-              procs: tuple[str, ...]) -> int:
+              procs: tuple[str, ...], self_join: Optional[tuple[str, ...]] = None) -> int:
+        """Fork the payload (rootless: its relay). It joins its leaf itself where ``self_join``
+        names the files for that (cgroup v1), else rootless through ``procs`` and as root we move it."""
         # The children never return from _relay/_payload (os._exit), so nothing after fork() — in
         # particular the finally below — ever runs in a child.
         if plan.userns:
             pid = os.fork()
             if pid == 0:
                 try:
-                    _relay(plan, chan, target, fds, procs)
+                    _relay(plan, chan, target, fds, procs if self_join is None else self_join)
                 finally:
                     os._exit(125)  # never let an exception climb into the forked copy of the caller
             return pid
+        if self_join is not None:
+            procs = ()
         # Root: we move the child into its leaf ourselves while it joins the namespaces (the
         # migrations overlap its setns calls); it waits at the gate before running anything.
         gate, opener = os.pipe()
@@ -373,7 +396,7 @@ class Launcher:
             if pid == 0:
                 try:
                     os.close(opener)
-                    _payload(plan, chan, target, fds, (), gate)
+                    _payload(plan, chan, target, fds, self_join or (), gate)
                 finally:
                     os._exit(125)
         finally:
@@ -449,14 +472,15 @@ class Launcher:
         if freeze:
             gc.freeze()
         try:
-            pid = self._fork(plan, chan, target, fds, leaf.procs_files() if leaf is not None else ())
+            pid = self._fork(plan, chan, target, fds, leaf.procs_files() if leaf is not None else (),
+                             leaf.self_join_files() if leaf is not None else None)
         finally:
             if freeze:
                 gc.unfreeze()
             for fd in fds.values():
                 os.close(fd)
         try:
-            self._remove_retired()  # we only wait for the payload now: do the deferred cgroup work
+            self._remove_retired(keep_failed=True)  # we only wait for the payload now: the deferred cgroup work
             if after_start is not None:
                 after_start()
             timeout = outcome.spec.timeout if outcome.spec is not None else None

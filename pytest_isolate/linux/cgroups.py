@@ -305,6 +305,20 @@ def sigkill_until_empty(fs: CgroupFs, dirs: list[str], timeout: float = KILL_TIM
         fs.sleep(0.01)
 
 
+def try_rmdir(fs: CgroupFs, dirs: Iterable[str]) -> bool:
+    """rmdir each of ``dirs`` once; False if one is still busy (processes in it, or cgroups below)."""
+    for d in dirs:
+        try:
+            fs.rmdir(d)
+        except OSError as e:
+            if e.errno in _GONE:
+                continue
+            if e.errno in (errno.EBUSY, errno.ENOTEMPTY):
+                return False
+            raise CgroupError(f"cannot remove cgroup {d}: {e.strerror} (errno {e.errno})") from e
+    return True
+
+
 def rmdir_tree(fs: CgroupFs, path: str, timeout: float = RMDIR_TIMEOUT) -> None:
     """Remove an empty cgroup subtree bottom-up; retries EBUSY, which the kernel returns
     briefly after the last process died; "already gone" is success."""
@@ -381,6 +395,11 @@ class Leaf(ABC):
     def procs_files(self) -> tuple[str, ...]:
         """Every ``cgroup.procs`` a forked child writes ``0`` into to join this leaf."""
 
+    def self_join_files(self) -> Optional[tuple[str, ...]]:
+        """Files a single-threaded process writes ``0`` into to join this leaf itself, where that is
+        cheaper than being moved (``procs_files``) by another process; None where it is not."""
+        return None
+
     @abstractmethod
     def usage(self) -> Usage:
         """Accounting so far; callable while the sandbox runs and after it exited."""
@@ -396,6 +415,11 @@ class Leaf(ABC):
     @abstractmethod
     def remove(self) -> None:
         """Kill leftovers, then remove the leaf; a leaf that is already gone is fine."""
+
+    @abstractmethod
+    def try_remove(self) -> bool:
+        """Remove the leaf if nothing is in it any more: no killing, no waiting (a few rmdir
+        calls). False if it is busy — its processes still dying, say; try again later."""
 
 
 class Session(ABC):

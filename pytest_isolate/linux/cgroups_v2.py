@@ -145,6 +145,9 @@ class V2Leaf(Leaf):
             if e.errno not in (errno.ENOENT, errno.ENODEV):
                 raise CgroupError(f"cannot write {value!r} to {self.path}/{name}: {e.strerror}") from e
 
+    def try_remove(self) -> bool:
+        return cg.try_rmdir(self.fs, [self.path])
+
     def remove(self) -> None:
         if self.pids():
             self.kill()

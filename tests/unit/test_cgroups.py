@@ -656,6 +656,32 @@ def test_v1_session_leaf_limits_usage_and_cleanup(v1tree: tuple[FakeFs, Path, Pa
     assert _tree(root) == before
 
 
+def test_v1_self_join_and_try_remove(v1tree: tuple[FakeFs, Path, Path]) -> None:
+    """A payload joins a v1 leaf by writing 0 into ``tasks`` (no global lock, no RCU grace
+    period); a leaf with a process still in it is kept by try_remove, and removed once empty."""
+    fs, root, proc = v1tree
+    session = cg.detect(str(root), str(proc), mountinfo=str(root / "none"), fs=fs).open_session()
+    leaf = session.new_leaf(Limits(memory=64 << 20))
+    joins = leaf.self_join_files()
+    assert joins is not None
+    assert [os.path.dirname(f) for f in joins] == [os.path.dirname(f) for f in leaf.procs_files()]
+    assert all(f.endswith("/tasks") for f in joins)
+    busy = str(root / "memory")
+    real_rmdir = fs.rmdir
+
+    def rmdir(path: str) -> None:
+        if path.startswith(busy):
+            raise OSError(errno.EBUSY, "Device or resource busy")
+        real_rmdir(path)
+
+    fs.rmdir = rmdir  # type: ignore[method-assign]
+    assert leaf.try_remove() is False
+    fs.rmdir = real_rmdir  # type: ignore[method-assign]
+    assert leaf.try_remove() is True
+    assert leaf.try_remove() is True  # already gone is fine
+    session.remove()
+
+
 def test_v1_kill_freezes_first(v1tree: tuple[FakeFs, Path, Path]) -> None:
     fs, root, proc = v1tree
     session = cg.detect(str(root), str(proc), mountinfo=str(root / "none"), fs=fs).open_session()
