@@ -117,8 +117,27 @@ def _join_user(pid: int) -> None:
         os.close(fd)
 
 
-def _holder(bp: Blueprint, ready: int, control: Optional[socket.socket]) -> NoReturn:
+def _join_cgroup(ready: int, files: tuple[str, ...]) -> None:
+    """Join the sandbox's cgroup leaf by writing 0 (ourselves) into each of ``files`` (cgroup v1
+    ``tasks``: the cheap way, see cgroups_v1), before the cgroup namespace is unshared."""
+
+    def join() -> None:
+        for path in files:
+            fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+            try:
+                os.write(fd, b"0")
+            except OSError as exc:
+                raise OSError(exc.errno, f"cannot join the sandbox's cgroup {path}: {exc.strerror}") from None
+            finally:
+                os.close(fd)
+
+    if files:
+        _step(ready, "cgroup limits", join)
+
+
+def _holder(bp: Blueprint, ready: int, control: Optional[socket.socket], join: tuple[str, ...] = ()) -> NoReturn:
     libc.prctl(libc.PR_SET_PDEATHSIG, signal.SIGKILL)
+    _join_cgroup(ready, join)
     if bp.network and bp.userns:
         # a network's members share its user namespace: its switch may then configure their links
         _step(ready, "join the network's user namespace", lambda: _join_user(bp.network))
@@ -140,7 +159,8 @@ def _holder(bp: Blueprint, ready: int, control: Optional[socket.socket]) -> NoRe
     os._exit(0)
 
 
-def _fork_init(bp: Blueprint, ready: int, control: Optional[socket.socket], own_pid_ns: int) -> int:
+def _fork_init(bp: Blueprint, ready: int, control: Optional[socket.socket], own_pid_ns: int,
+               join: tuple[str, ...] = ()) -> int:
     """Without a user namespace (root): fork the init straight into a new PID namespace — no
     holder process to fork, wait for and reap. ``unshare(CLONE_NEWPID)`` only points our next
     child there; we point ours back at once."""
@@ -149,6 +169,7 @@ def _fork_init(bp: Blueprint, ready: int, control: Optional[socket.socket], own_
         init = os.fork()
         if init == 0:
             try:
+                _join_cgroup(ready, join)
                 _step(ready, "unshare", lambda: libc.unshare(_flags(bp) & ~libc.CLONE_NEWPID))
                 _init(bp, ready, control)
             finally:
@@ -203,12 +224,15 @@ class _Workshop:
         self.fds = fds  # where control sockets go to the client (SCM_RIGHTS)
         self.own_pid_ns = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
 
-    def build(self, ident: int, bp: Blueprint, cgroup: Any = ()) -> dict[str, Any]:
+    def build(self, ident: int, bp: Blueprint, cgroup: Any = (), join: Any = ()) -> dict[str, Any]:
+        """Build a sandbox; its init is moved into the cgroups whose ``cgroup.procs`` are in
+        ``cgroup``, or joins them itself through the files in ``join``."""
+        join = tuple(join)
         read, write = os.pipe()
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET) if bp.control else (None, None)
         direct = not bp.userns  # root: the init is our child, and its own holder
         try:
-            holder = _fork_init(bp, write, theirs, self.own_pid_ns) if direct else os.fork()
+            holder = _fork_init(bp, write, theirs, self.own_pid_ns, join) if direct else os.fork()
         except OSError as exc:
             for fd in (read, write):
                 os.close(fd)
@@ -220,7 +244,7 @@ class _Workshop:
             os.close(read)
             if ours is not None:
                 ours.close()
-            _holder(bp, write, theirs)
+            _holder(bp, write, theirs, join)
         os.close(write)
         if theirs is not None:
             theirs.close()
@@ -301,7 +325,8 @@ def serve(stdin: IO[str], stdout: IO[str], parent: int, fds: int = -1) -> None:
         for line in stdin:
             request = json.loads(line)
             if request["op"] == "build":
-                answer = shop.build(request["id"], Blueprint.from_json(request["blueprint"]), request.get("cgroup", ()))
+                answer = shop.build(request["id"], Blueprint.from_json(request["blueprint"]), request.get("cgroup", ()),
+                                    request.get("join", ()))
                 stdout.write(json.dumps(answer) + "\n")
                 stdout.flush()
             elif request["op"] == "kill":
@@ -346,11 +371,12 @@ class Factory:
         self.proc.stdin.write(json.dumps(request) + "\n")
         self.proc.stdin.flush()
 
-    def order(self, blueprint: str, cgroup_procs: tuple[str, ...] = ()) -> int:
+    def order(self, blueprint: str, cgroup_procs: tuple[str, ...] = (), join: tuple[str, ...] = ()) -> int:
         """Ask for a sandbox (a ``Blueprint.to_json()``), its init to be moved into the cgroup(s)
-        whose ``cgroup.procs`` files are given; returns a ticket to ``collect`` later."""
+        whose ``cgroup.procs`` files are given, or to join them itself through the files in
+        ``join`` (Leaf.self_join_files); returns a ticket to ``collect`` later."""
         self.next_id += 1
-        self._send(op="build", id=self.next_id, blueprint=blueprint, cgroup=list(cgroup_procs))
+        self._send(op="build", id=self.next_id, blueprint=blueprint, cgroup=list(cgroup_procs), join=list(join))
         return self.next_id
 
     def collect(self, ticket: int) -> Prepared:

@@ -338,9 +338,10 @@ class Launcher:
             leaf = self._leaf(self.session, Limits(plan.spec.memory, plan.spec.cpus, plan.spec.pids))
         else:
             self._prepare_leaf(plan)
-        procs = leaf.procs_files() if leaf is not None else ()
+        join = leaf.self_join_files() if leaf is not None else None
+        procs = leaf.procs_files() if leaf is not None and join is None else ()
         try:
-            ticket = self._factory().order(plan.key, procs)
+            ticket = self._factory().order(plan.key, procs, join or ())
         except BaseException:
             if leaf is not None:
                 self.retired.append(leaf)
