@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import functools
 import os
-import signal
-import time
 from typing import Mapping, Optional
 
 from pytest_isolate.linux import cgroups as cg
@@ -25,7 +23,7 @@ from pytest_isolate.linux.cgroups import CgroupError, CgroupFs, Leaf, Limits, Se
 JOINED = ("memory", "cpuacct", "pids", "blkio")  # hierarchies every sandbox joins (see V1Leaf)
 USAGE_FILES = {
     "memory": ("memory.max_usage_in_bytes", "memory.oom_control"),
-    "cpuacct": ("cpuacct.usage_user", "cpuacct.usage_sys", "cpuacct.stat"),
+    "cpuacct": ("cpuacct.usage_user", "cpuacct.usage_sys"),  # else cpuacct.stat (see cpu_times)
     "cpu": ("cpu.stat",),
     "pids": ("pids.peak",),
     "blkio": ("blkio.throttle.io_service_bytes",),
@@ -95,13 +93,13 @@ class V1Leaf(Leaf):
 
     def __init__(self, fs: CgroupFs, dirs: Mapping[str, str], limits: Optional[Limits] = None) -> None:
         self.fs = fs
-        self.dirs = dict(dirs)
-        self.path = dirs.get("memory") or next(iter(dirs.values()))
-        # Joining a v1 hierarchy is a cgroup migration (~0.2 ms each) on the critical path of every
-        # test: join only those that limit or count something here. cpu counts throttling only
-        # under a quota; freezer is not needed (killing the sandbox's init kills everything in it).
+        # Each hierarchy joined is a migration, and each directory a mkdir and an rmdir, per test:
+        # only those that limit or count something here. cpu counts throttling only under a
+        # quota; freezer is not needed (killing the sandbox's init kills everything in it).
         wanted = set(JOINED) | ({"cpu"} if limits is not None and limits.cpus is not None else set())
-        self.joined = {c: d for c, d in self.dirs.items() if c in wanted}
+        self.dirs = {c: d for c, d in dirs.items() if c in wanted}
+        self.path = self.dirs.get("memory") or next(iter(self.dirs.values()), "")
+        self.joined = self.dirs
 
     def distinct_dirs(self) -> list[str]:
         """One directory per hierarchy (co-mounted controllers share one)."""
@@ -124,26 +122,14 @@ class V1Leaf(Leaf):
         for controller, names in USAGE_FILES.items():
             if controller in self.joined:
                 texts.update(cg.files(self.fs, self.joined[controller], names))
+        if "cpuacct" in self.joined and texts.get("cpuacct.usage_user") is None:  # kernels before 4.16
+            texts.update(cg.files(self.fs, self.joined["cpuacct"], ("cpuacct.stat",)))
         return usage_from_files(texts, os.sysconf("SC_CLK_TCK"))
 
     def kill(self) -> None:
-        """Freeze (so nothing forks while we kill), SIGKILL all, thaw; without a freezer
-        hierarchy a SIGKILL loop until the leaf is empty."""
-        if "freezer" in self.dirs:
-            self._freeze_and_kill(self.dirs["freezer"])
+        """SIGKILL everything in the leaf until it is empty (forks race with us: each round kills
+        what the last one missed; the sandbox's own init is killed first by the supervisor)."""
         cg.sigkill_until_empty(self.fs, [s for d in self.distinct_dirs() for s in cg.subtree(self.fs, d)])
-
-    def _freeze_and_kill(self, freezer: str) -> None:
-        state = os.path.join(freezer, "freezer.state")
-        if cg.read_optional(self.fs, state) is None:
-            return
-        self.fs.write(state, "FROZEN")
-        try:
-            _wait_frozen(self.fs, state)
-            for pid in self.pids():
-                self.fs.kill(pid, signal.SIGKILL)
-        finally:
-            self.fs.write(state, "THAWED")
 
     def try_remove(self) -> bool:
         return cg.try_rmdir(self.fs, self.distinct_dirs())
@@ -152,14 +138,6 @@ class V1Leaf(Leaf):
         if self.pids():
             self.kill()
         cg.raise_first(cg.each(functools.partial(cg.rmdir_tree, self.fs, d) for d in self.distinct_dirs()))
-
-
-def _wait_frozen(fs: CgroupFs, state: str, timeout: float = 1.0) -> None:
-    """FREEZING becomes FROZEN once every task stopped; SIGKILL works either way, the wait
-    only keeps forks from racing with us."""
-    deadline = time.monotonic() + timeout
-    while (cg.read_optional(fs, state) or "FROZEN").strip() == "FREEZING" and time.monotonic() < deadline:
-        fs.sleep(0.005)
 
 
 # ---------------------------------------------------------------- session
