@@ -288,6 +288,20 @@ def test_v1_usage_prefers_nanosecond_cpu_counters() -> None:
     assert v1.usage_from_files(texts) == Usage(3145728, 2.0, 0.5, 3, 4196, 1024, 3, 1.5)
 
 
+def test_v1_cpu_total_is_cpuacct_usage_split_by_the_sampled_ratio() -> None:
+    """On a busy host cpuacct.usage_user undercounts (0.78 s for 1.00 s of user-mode work, measured):
+    the precise total cpuacct.usage is divided in the sampled user/system proportions."""
+    texts = {"cpuacct.usage": "1003653767\n", "cpuacct.usage_user": "780000000\n", "cpuacct.usage_sys": "0\n"}
+    assert v1.cpu_times(texts, 100) == (1.003653767, 0.0)
+    texts = {"cpuacct.usage": "1000000000\n", "cpuacct.usage_user": "600000000\n", "cpuacct.usage_sys": "200000000\n"}
+    user, system = v1.cpu_times(texts, 100)
+    assert (round(user or 0, 6), round(system or 0, 6)) == (0.75, 0.25)
+    # nothing sampled yet in ns: the tick counts give the ratio; no ticks either: all user time
+    texts = {"cpuacct.usage": "3000000\n", "cpuacct.usage_user": "0\n", "cpuacct.usage_sys": "0\n", "cpuacct.stat": "user 1\nsystem 1\n"}
+    assert v1.cpu_times(texts, 100) == (0.0015, 0.0015)
+    assert v1.cpu_times({"cpuacct.usage": "3000000\n", "cpuacct.usage_user": "0\n", "cpuacct.usage_sys": "0\n"}, 100) == (0.003, 0.0)
+
+
 def test_v1_usage_falls_back_to_cpuacct_stat_ticks() -> None:
     usage = v1.usage_from_files({"cpuacct.stat": "user 250\nsystem 50\n"}, ticks_per_second=100)
     assert (usage.cpu_user, usage.cpu_system) == (2.5, 0.5)
