@@ -306,6 +306,25 @@ def test_library_without_pytest(pytester: pytest.Pytester, isolation_works: None
     assert out.stdout.split() == ["plain", "False"], out.stderr
 
 
+def test_runs_back_to_back_with_builds_side_by_side(pytester: pytest.Pytester, isolation_works: None) -> None:
+    """The factory builds sandboxes ahead, several at once: a loop of runs gets each program its
+    own sandbox, a changed hostname discards what was being built for the old one, and after the
+    Sandbox closes no process of it is left."""
+    script = pytester.path / "loop.py"
+    script.write_text(textwrap.dedent("""
+        import psutil
+        from pytest_isolate import Sandbox
+        me = psutil.Process()
+        with Sandbox() as box:
+            names = [box.run(["hostname"], hostname=f"h{i % 3}", check=True).stdout.decode().strip() for i in range(12)]
+            codes = [box.run(["true"]).returncode for _ in range(10)]
+            pids = {box.run(["sh", "-c", "echo $$"], check=True).stdout.strip() for _ in range(4)}
+        print(names == [f"h{i % 3}" for i in range(12)], codes == [0] * 10, pids == {b"2"}, me.children(recursive=True))
+        """))
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, check=False)
+    assert out.stdout.split() == ["True", "True", "True", "[]"], out.stdout + out.stderr
+
+
 IMAGEKIT = '''
 """Small images made from this host's own programs and their libraries (no registry, no docker)."""
 import gzip, hashlib, io, json, os, re, shutil, subprocess, tarfile

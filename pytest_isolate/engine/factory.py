@@ -22,6 +22,7 @@ from __future__ import annotations
 import gc
 import json
 import os
+import select
 import signal
 import socket
 import sys
@@ -159,8 +160,16 @@ def _holder(bp: Blueprint, ready: int, control: Optional[socket.socket], join: t
     os._exit(0)
 
 
+def _close_all(fds: tuple[int, ...]) -> None:
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
 def _fork_init(bp: Blueprint, ready: int, control: Optional[socket.socket], own_pid_ns: int,
-               join: tuple[str, ...] = ()) -> int:
+               join: tuple[str, ...] = (), others: tuple[int, ...] = ()) -> int:
     """Without a user namespace (root): fork the init straight into a new PID namespace — no
     holder process to fork, wait for and reap. ``unshare(CLONE_NEWPID)`` only points our next
     child there; we point ours back at once."""
@@ -169,6 +178,7 @@ def _fork_init(bp: Blueprint, ready: int, control: Optional[socket.socket], own_
         init = os.fork()
         if init == 0:
             try:
+                _close_all(others)
                 _join_cgroup(ready, join)
                 _step(ready, "unshare", lambda: libc.unshare(_flags(bp) & ~libc.CLONE_NEWPID))
                 _init(bp, ready, control)
@@ -215,24 +225,41 @@ def _forward(signum: int) -> None:
         pass
 
 
+class _Build:
+    """A sandbox being built: its processes forked, its init not yet ready."""
+
+    __slots__ = ("ident", "bp", "holder", "ours", "cgroup", "direct")
+
+    def __init__(self, ident: int, bp: Blueprint, holder: int, ours: Optional[socket.socket],
+                 cgroup: tuple[str, ...], direct: bool) -> None:
+        self.ident, self.bp, self.holder, self.ours, self.cgroup, self.direct = ident, bp, holder, ours, cgroup, direct
+
+
 class _Workshop:
-    """The factory's state: sandboxes built and not yet killed, holders not yet reaped."""
+    """The factory's state: sandboxes being built (several at once: one core each), built and not
+    yet killed, and holders not yet reaped."""
 
     def __init__(self, fds: Optional[socket.socket] = None) -> None:
+        self.building: dict[int, _Build] = {}  # by the read end of its ready pipe
         self.live: dict[int, tuple[int, int, tuple[str, ...]]] = {}
         self.dying: dict[int, tuple[str, ...]] = {}
         self.fds = fds  # where control sockets go to the client (SCM_RIGHTS)
         self.own_pid_ns = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
 
-    def build(self, ident: int, bp: Blueprint, cgroup: Any = (), join: Any = ()) -> dict[str, Any]:
-        """Build a sandbox; its init is moved into the cgroups whose ``cgroup.procs`` are in
-        ``cgroup``, or joins them itself through the files in ``join``."""
-        join = tuple(join)
+    def start(self, ident: int, bp: Blueprint, cgroup: Any = (), join: Any = ()) -> Optional[dict[str, Any]]:
+        """Start building a sandbox; its init is moved into the cgroups whose ``cgroup.procs`` are
+        in ``cgroup``, or joins them itself through the files in ``join``. Returns an answer only
+        if it failed at once; else :meth:`finish` answers when the ready pipe is readable."""
         read, write = os.pipe()
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET) if bp.control else (None, None)
         direct = not bp.userns  # root: the init is our child, and its own holder
+        # the other builds' pipes and sockets stay out of this one (a control socket's end would
+        # otherwise never see EOF)
+        others = (read, *self.building, *(b.ours.fileno() for b in self.building.values() if b.ours is not None))
+        if ours is not None:
+            others += (ours.fileno(),)
         try:
-            holder = _fork_init(bp, write, theirs, self.own_pid_ns, join) if direct else os.fork()
+            holder = _fork_init(bp, write, theirs, self.own_pid_ns, tuple(join), others) if direct else os.fork()
         except OSError as exc:
             for fd in (read, write):
                 os.close(fd)
@@ -241,44 +268,57 @@ class _Workshop:
                     sock.close()
             return {"id": ident, "error": {"step": "fork", "errno": exc.errno, "message": str(exc)}}
         if holder == 0:
-            os.close(read)
-            if ours is not None:
-                ours.close()
-            _holder(bp, write, theirs, join)
+            _close_all(others)
+            _holder(bp, write, theirs, tuple(join))
         os.close(write)
         if theirs is not None:
             theirs.close()
-        with os.fdopen(read, "rb") as f:
-            line = f.readline()
-        answer = json.loads(line) if line else {"step": "fork", "errno": None, "message": "the holder died"}
-        if not answer.get("ok"):
-            self.dying[holder] = bp.root.upper_bases
-            if ours is not None:
-                ours.close()
-            return {"id": ident, "error": answer}
-        if direct:
-            init = holder
-        else:
-            with open(f"/proc/{holder}/task/{holder}/children") as f:
-                init = int(f.read().split()[0])
-        self.live[ident] = (holder, init, bp.root.upper_bases)
+        self.building[read] = _Build(ident, bp, holder, ours, tuple(cgroup), direct)
+        return None
+
+    def finish(self, read: int) -> Optional[dict[str, Any]]:
+        """The answer for the sandbox whose ready pipe ``read`` is readable (None if discarded)."""
+        b = self.building.pop(read)
         try:
-            for path in cgroup:  # what the init starts is then born in the leaf: no migration later
+            data = os.read(read, 65536)  # the one line the init (or a failing step) writes, or EOF
+        finally:
+            os.close(read)
+        line = data.split(b"\n")[0]
+        answer = json.loads(line) if line else {"step": "fork", "errno": None, "message": "the holder died"}
+        if b.ident < 0 or not answer.get("ok"):
+            if b.ident < 0:
+                _kill(b.holder)  # discarded while it was built
+            self.dying[b.holder] = b.bp.root.upper_bases
+            if b.ours is not None:
+                b.ours.close()
+            return None if b.ident < 0 else {"id": b.ident, "error": answer}
+        if b.direct:
+            init = b.holder
+        else:
+            with open(f"/proc/{b.holder}/task/{b.holder}/children") as f:
+                init = int(f.read().split()[0])
+        self.live[b.ident] = (b.holder, init, b.bp.root.upper_bases)
+        try:
+            for path in b.cgroup:  # what the init starts is then born in the leaf: no migration later
                 with open(path, "w") as f:
                     f.write(str(init))
         except OSError as exc:
-            self.kill(ident)
-            if ours is not None:
-                ours.close()
-            return {"id": ident, "error": {"step": "cgroup limits", "errno": exc.errno,
-                                           "message": f"cannot move the sandbox's init into {path}: {exc.strerror}"}}
-        if ours is not None:  # sent only for a sandbox that is ready: the client pairs it with the answer
+            self.kill(b.ident)
+            if b.ours is not None:
+                b.ours.close()
+            return {"id": b.ident, "error": {"step": "cgroup limits", "errno": exc.errno,
+                                             "message": f"cannot move the sandbox's init into {path}: {exc.strerror}"}}
+        if b.ours is not None:  # sent only for a sandbox that is ready: the client pairs it with the answer
             assert self.fds is not None
-            socket.send_fds(self.fds, [str(ident).encode()], [ours.fileno()])
-            ours.close()
-        return {"id": ident, "holder": holder, "init": init, "control": bp.control}
+            socket.send_fds(self.fds, [str(b.ident).encode()], [b.ours.fileno()])
+            b.ours.close()
+        return {"id": b.ident, "holder": b.holder, "init": init, "control": b.bp.control}
 
     def kill(self, ident: int) -> None:
+        for b in self.building.values():
+            if b.ident == ident:
+                b.ident = -1  # finish() kills it when it reports; nobody is told
+                return
         holder, init, bases = self.live.pop(ident, (0, 0, ()))
         if init:
             _kill(init)
@@ -290,6 +330,12 @@ class _Workshop:
                 _remove_bases(self.dying.pop(holder))
 
     def close(self) -> None:
+        for b in self.building.values():
+            _kill(b.holder)
+            self.dying[b.holder] = b.bp.root.upper_bases
+        for read in list(self.building):
+            os.close(read)
+        self.building.clear()
         for ident in list(self.live):
             self.kill(ident)
         self.reap(block=True)
@@ -313,24 +359,49 @@ def _remove_bases(bases: tuple[str, ...]) -> None:
 
 
 def serve(stdin: IO[str], stdout: IO[str], parent: int, fds: int = -1) -> None:
-    """The factory's loop: one JSON request per line in, one JSON answer per build out."""
+    """The factory's loop: JSON requests, one per line, in; one JSON answer per build out, in the
+    order the builds finish. Builds run side by side: a client that orders two sandboxes ahead gets
+    both built on two cores."""
     libc.prctl(libc.PR_SET_PDEATHSIG, signal.SIGKILL)
     if os.getppid() != parent:
         return
     if fds >= 0:
         os.set_inheritable(fds, False)  # pass_fds made it inheritable: keep it out of the sandboxes
     shop = _Workshop(socket.socket(fileno=fds) if fds >= 0 else None)
+    blueprints: dict[str, Blueprint] = {}
     gc.freeze()  # what is loaded now lives on: collections in the sandboxes' inits need not touch it
+
+    def answer(reply: Optional[dict[str, Any]]) -> None:
+        if reply is not None:
+            stdout.write(json.dumps(reply) + "\n")
+            stdout.flush()
+
+    requests = stdin.fileno()
+    buffered = b""
     try:
-        for line in stdin:
-            request = json.loads(line)
-            if request["op"] == "build":
-                answer = shop.build(request["id"], Blueprint.from_json(request["blueprint"]), request.get("cgroup", ()),
-                                    request.get("join", ()))
-                stdout.write(json.dumps(answer) + "\n")
-                stdout.flush()
-            elif request["op"] == "kill":
-                shop.kill(request["id"])
+        while True:
+            ready = select.select([requests, *shop.building], [], [])[0]
+            for read in ready:
+                if read != requests:
+                    answer(shop.finish(read))
+            if requests not in ready:
+                shop.reap()
+                continue
+            chunk = os.read(requests, 65536)
+            if not chunk:
+                return
+            *lines, buffered = (buffered + chunk).split(b"\n")
+            for line in lines:
+                request = json.loads(line)
+                if request["op"] == "build":
+                    text = request["blueprint"]
+                    if text not in blueprints:
+                        if len(blueprints) > 32:  # each has its own upper dirs (rootless, kernel < 6.6)
+                            blueprints.clear()
+                        blueprints[text] = Blueprint.from_json(text)
+                    answer(shop.start(request["id"], blueprints[text], request.get("cgroup", ()), request.get("join", ())))
+                elif request["op"] == "kill":
+                    shop.kill(request["id"])
             shop.reap()
     finally:
         shop.close()

@@ -228,7 +228,7 @@ class Launcher:
 
     def __init__(self, cgroups: Optional[Driver] = None) -> None:
         self.factory: Optional[Factory] = None
-        self.pending: Optional[tuple[str, int, Optional[Leaf]]] = None  # (blueprint json, ticket, its leaf)
+        self.pending: list[tuple[str, int, Optional[Leaf]]] = []  # (blueprint json, ticket, its leaf), oldest first
         self.own_pid_ns = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
         self.driver = cgroups
         self.session: Optional[Session] = None
@@ -317,22 +317,25 @@ class Launcher:
     def _factory(self) -> Factory:
         if self.factory is not None and self.factory.proc.poll() is not None:
             self.factory.close()  # it died (killed from outside?): start afresh, forget what it was building
-            if self.pending is not None and self.pending[2] is not None:
-                self.retired.append(self.pending[2])
-            self.factory, self.pending = None, None
+            self.retired.extend(leaf for _, _, leaf in self.pending if leaf is not None)
+            self.factory, self.pending = None, []
         if self.factory is None:
             self.factory = Factory()
         return self.factory
 
-    def prepare(self, plan: Plan) -> None:
-        """Have the sandbox for ``plan`` built while something else runs (e.g. the current test).
+    def prepare(self, plan: Plan, ahead: int = 1) -> None:
+        """Have ``ahead`` sandboxes for ``plan`` built while something else runs (e.g. the current
+        test); the factory builds them side by side. Sandboxes ordered for another plan are dropped.
 
         A control plan (Sandbox.run/popen) gets its cgroup leaf now too, and the factory puts the
         sandbox's init into it: the program the init starts is then born in the leaf.
         """
-        if self.pending is not None and self.pending[0] == plan.key:
-            return
-        self.drop_pending()
+        if any(key != plan.key for key, _, _ in self.pending):
+            self.drop_pending()
+        while len(self.pending) < ahead:
+            self._order(plan)
+
+    def _order(self, plan: Plan) -> None:
         leaf: Optional[Leaf] = None
         if plan.control and self.session is not None:
             leaf = self._leaf(self.session, Limits(plan.spec.memory, plan.spec.cpus, plan.spec.pids))
@@ -346,12 +349,11 @@ class Launcher:
             if leaf is not None:
                 self.retired.append(leaf)
             raise
-        self.pending = (plan.key, ticket, leaf)
+        self.pending.append((plan.key, ticket, leaf))
 
     def drop_pending(self) -> None:
-        if self.pending is not None:
-            _, ticket, leaf = self.pending
-            self.pending = None
+        while self.pending:
+            _, ticket, leaf = self.pending.pop()
             self._factory().discard(ticket)
             if leaf is not None:
                 self.retired.append(leaf)
@@ -360,11 +362,9 @@ class Launcher:
         return self._take_with_leaf(plan)[0]
 
     def _take_with_leaf(self, plan: Plan) -> tuple[Prepared, Optional[Leaf]]:
-        if self.pending is None or self.pending[0] != plan.key:
+        if not self.pending or self.pending[0][0] != plan.key:
             self.prepare(plan)
-        assert self.pending is not None
-        _, ticket, leaf = self.pending
-        self.pending = None
+        _, ticket, leaf = self.pending.pop(0)
         try:
             return self._factory().collect(ticket), leaf
         except BaseException:

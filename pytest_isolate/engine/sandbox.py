@@ -261,9 +261,10 @@ class Sandbox:
         proc.hostname, proc.address = spec.hostname, address
         self._live.append(proc)
         if network is None and not plan.root.upper_bases:
-            # the next sandbox like this one is built while this one runs (not with upper layers on
-            # disk: each sandbox has its own, so no later plan could take the one built ahead)
-            launcher.prepare(plan)
+            # the next two sandboxes like this one are built while this one runs, side by side, so
+            # a loop of calls rarely waits for a build (not with upper layers on disk: each
+            # sandbox has its own, so no later plan could take one built ahead)
+            launcher.prepare(plan, ahead=2)
         launcher.tidy()  # cgroup leaves of ended sandboxes go while this program runs
         return proc
 
