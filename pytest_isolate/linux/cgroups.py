@@ -313,6 +313,13 @@ def sigkill_until_empty(fs: CgroupFs, dirs: list[str], timeout: float = KILL_TIM
         fs.sleep(0.01)
 
 
+def remove_leaf(leaf: "Leaf") -> None:
+    """Remove a leaf at the end of a session: most are gone already (one rmdir each says so);
+    the rest get the full removal, which kills what is left in them."""
+    if not leaf.try_remove():
+        leaf.remove()
+
+
 def try_rmdir(fs: CgroupFs, dirs: Iterable[str]) -> bool:
     """rmdir each of ``dirs`` once; False if one is still busy (processes in it, or cgroups below)."""
     for d in dirs:

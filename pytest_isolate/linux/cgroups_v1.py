@@ -165,16 +165,20 @@ class V1Session(Session):
         self.fs = fs
         self.paths = _make_session_dirs(fs, own)
         self.controllers = controllers_of(own)
+        # a hierarchy co-mounted with cpuset needs cpus/mems copied into each new cgroup
+        self._cpuset = {p for p in set(self.paths.values()) if fs.exists(os.path.join(p, "cpuset.cpus"))}
         self._leaves: list[V1Leaf] = []
+        self._made = 0  # leaves made so far: names them t-<n>
 
     def new_leaf(self, limits: Limits) -> Leaf:
         limits.check()
         where = ", ".join(sorted(set(self.paths.values())))
         cg.require_controllers(limits, self.controllers, where, FIX_MOUNT)
-        name = f"t-{len(self._leaves) + 1}"
+        self._made += 1
+        name = f"t-{self._made}"
         leaf = V1Leaf(self.fs, {c: os.path.join(p, name) for c, p in self.paths.items()}, limits)
         try:
-            _make_leaf_dirs(self.fs, leaf)
+            _make_leaf_dirs(self.fs, leaf, self._cpuset)
             apply_limits(self.fs, leaf.dirs, limits)
         except CgroupError:
             leaf.remove()
@@ -183,7 +187,7 @@ class V1Session(Session):
         return leaf
 
     def remove(self) -> None:
-        errors = cg.each(leaf.remove for leaf in self._leaves)
+        errors = cg.each(functools.partial(cg.remove_leaf, leaf) for leaf in self._leaves)
         errors += cg.each(functools.partial(_destroy, self.fs, p) for p in sorted(set(self.paths.values())))
         cg.raise_first(errors)
 
@@ -216,9 +220,11 @@ def _mkdir_unique(fs: CgroupFs, base: str) -> str:
     raise CgroupError(f"cannot create a session cgroup next to {base}: 99 exist")
 
 
-def _make_leaf_dirs(fs: CgroupFs, leaf: V1Leaf) -> None:
+def _make_leaf_dirs(fs: CgroupFs, leaf: V1Leaf, cpuset: set[str]) -> None:
     for d in leaf.distinct_dirs():
         cg.make_cgroup(fs, d)
+        if os.path.dirname(d) not in cpuset:
+            continue
         try:
             _inherit_cpuset(fs, d)
         except OSError as e:

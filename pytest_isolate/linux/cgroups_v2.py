@@ -21,6 +21,7 @@ systemd manager for a delegated scope (:mod:`pytest_isolate.linux.systemd`) and 
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import shutil
 import signal
@@ -167,11 +168,13 @@ class V2Session(Session):
         _enable(fs, self.path)
         self.controllers = _enabled(fs, self.path)
         self._leaves: list[V2Leaf] = []
+        self._made = 0  # leaves made so far: names them t-<n>
 
     def new_leaf(self, limits: Limits) -> Leaf:
         limits.check()
         cg.require_controllers(limits, self.controllers, self.path, FIX_CONTROLLER)
-        path = os.path.join(self.path, f"t-{len(self._leaves) + 1}")
+        self._made += 1
+        path = os.path.join(self.path, f"t-{self._made}")
         cg.make_cgroup(self.fs, path)
         leaf = V2Leaf(self.fs, path)
         try:
@@ -183,7 +186,7 @@ class V2Session(Session):
         return leaf
 
     def remove(self) -> None:
-        errors = cg.each(leaf.remove for leaf in self._leaves)
+        errors = cg.each(functools.partial(cg.remove_leaf, leaf) for leaf in self._leaves)
         errors += cg.each([lambda: destroy(self.fs, self.path), lambda: restore_own(self.fs, self.own)])
         cg.raise_first(errors)
 
