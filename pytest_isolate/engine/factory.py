@@ -279,8 +279,13 @@ class _Workshop:
     def finish(self, read: int) -> Optional[dict[str, Any]]:
         """The answer for the sandbox whose ready pipe ``read`` is readable (None if discarded)."""
         b = self.building.pop(read)
+        data = b""
         try:
-            data = os.read(read, 65536)  # the one line the init (or a failing step) writes, or EOF
+            while b"\n" not in data:  # the one line the init (or a failing step) writes, or EOF
+                chunk = os.read(read, 65536)
+                if not chunk:
+                    break
+                data += chunk
         finally:
             os.close(read)
         line = data.split(b"\n")[0]

@@ -207,7 +207,12 @@ RUSAGE_FIELDS = ("ru_utime", "ru_stime", "ru_maxrss", "ru_ixrss", "ru_idrss", "r
 def _wait(pid: int, done: int, deadline: Optional[float]) -> str:
     """Block until the payload says it is done ("done"), ``pid`` exits ("exit"), or ``deadline``
     (monotonic) passes ("timeout")."""
-    fd = os.pidfd_open(pid)  # Linux >= 5.3
+    try:
+        fd = os.pidfd_open(pid)  # Linux >= 5.3
+    except OSError:
+        if deadline is None:
+            return "exit"  # an older kernel: wait for the exit itself, as before "done" existed
+        raise
     try:
         left = None if deadline is None else max(0.0, deadline - time.monotonic())
         ready = select.select([done, fd], [], [], left)[0]
