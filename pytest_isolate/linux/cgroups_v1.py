@@ -53,6 +53,13 @@ def parse_blkio_bytes(text: str) -> tuple[int, int]:
     return totals["Read"], totals["Write"]
 
 
+def _sampled_ns(texts: Mapping[str, Optional[str]]) -> Optional[tuple[int, int]]:
+    """``cpuacct.usage_user/_sys`` (ns, Linux 4.7) when present and not both zero (nothing sampled)."""
+    user = cg.parse_int(texts.get("cpuacct.usage_user"))
+    system = cg.parse_int(texts.get("cpuacct.usage_sys"))
+    return (user, system) if user is not None and system is not None and user + system else None
+
+
 def cpu_times(texts: Mapping[str, Optional[str]], ticks_per_second: int) -> tuple[Optional[float], Optional[float]]:
     """(user, system) seconds.
 
@@ -63,13 +70,16 @@ def cpu_times(texts: Mapping[str, Optional[str]], ticks_per_second: int) -> tupl
     4.7), else of ``cpuacct.stat`` (USER_HZ ticks), as the kernel itself scales a task's
     utime/stime to its runtime. Without ``cpuacct.usage``, the sampled figures as they are."""
     total = cg.parse_int(texts.get("cpuacct.usage"))
-    user = cg.parse_int(texts.get("cpuacct.usage_user"))
-    system = cg.parse_int(texts.get("cpuacct.usage_sys"))
-    scale = 1e9
-    if user is None or system is None or (total is not None and user + system == 0):
-        stat = cg.parse_keyed(texts.get("cpuacct.stat") or "")
-        if "user" in stat and "system" in stat:
-            user, system, scale = stat["user"], stat["system"], float(ticks_per_second)
+    sampled = _sampled_ns(texts)
+    stat = cg.parse_keyed(texts.get("cpuacct.stat") or "")
+    user: Optional[int]
+    system: Optional[int]
+    if sampled is not None:
+        user, system, scale = sampled[0], sampled[1], 1e9
+    elif "user" in stat and "system" in stat:
+        user, system, scale = stat["user"], stat["system"], float(ticks_per_second)
+    else:  # absent, or both zero: zero or unknown, as they are
+        user, system, scale = cg.parse_int(texts.get("cpuacct.usage_user")), cg.parse_int(texts.get("cpuacct.usage_sys")), 1e9
     if total is not None:
         if user is None or system is None or user + system == 0:
             return total / 1e9, 0.0
@@ -111,22 +121,21 @@ class V1Leaf(Leaf):
         # only those that limit or count something here. cpu counts throttling only under a
         # quota; freezer is not needed (killing the sandbox's init kills everything in it).
         wanted = set(JOINED) | ({"cpu"} if limits is not None and limits.cpus is not None else set())
-        self.dirs = {c: d for c, d in dirs.items() if c in wanted}
+        self.dirs = {c: d for c, d in dirs.items() if c in wanted}  # every one is joined
         self.path = self.dirs.get("memory") or next(iter(self.dirs.values()), "")
-        self.joined = self.dirs
 
     def distinct_dirs(self) -> list[str]:
         """One directory per hierarchy (co-mounted controllers share one)."""
         return sorted(set(self.dirs.values()))
 
     def procs_files(self) -> tuple[str, ...]:
-        return tuple(os.path.join(d, "cgroup.procs") for d in sorted(set(self.joined.values())))
+        return tuple(os.path.join(d, "cgroup.procs") for d in self.distinct_dirs())
 
     def self_join_files(self) -> tuple[str, ...]:
         # A thread writing "0" into ``tasks`` moves only itself, and the kernel then skips the
         # global cgroup_threadgroup_rwsem (whose write side waits for an RCU grace period: 10-15 ms
         # on our VMs against 0.4 ms, measured with benchmarks/cgroup_join.py).
-        return tuple(os.path.join(d, "tasks") for d in sorted(set(self.joined.values())))
+        return tuple(os.path.join(d, "tasks") for d in self.distinct_dirs())
 
     def pids(self) -> list[int]:
         return cg.pids_in(self.fs, [s for d in self.distinct_dirs() for s in cg.subtree(self.fs, d)])
@@ -134,11 +143,10 @@ class V1Leaf(Leaf):
     def usage(self) -> Usage:
         texts: dict[str, Optional[str]] = {}
         for controller, names in USAGE_FILES.items():
-            if controller in self.joined:
-                texts.update(cg.files(self.fs, self.joined[controller], names))
-        if "cpuacct" in self.joined and not (cg.parse_int(texts.get("cpuacct.usage_user")) or
-                                             cg.parse_int(texts.get("cpuacct.usage_sys"))):  # old kernels, or nothing sampled
-            texts.update(cg.files(self.fs, self.joined["cpuacct"], ("cpuacct.stat",)))
+            if controller in self.dirs:
+                texts.update(cg.files(self.fs, self.dirs[controller], names))
+        if "cpuacct" in self.dirs and _sampled_ns(texts) is None:  # old kernels, or nothing sampled yet
+            texts.update(cg.files(self.fs, self.dirs["cpuacct"], ("cpuacct.stat",)))
         return usage_from_files(texts, os.sysconf("SC_CLK_TCK"))
 
     def kill(self) -> None:
