@@ -118,22 +118,25 @@ def _join_user(pid: int) -> None:
         os.close(fd)
 
 
-def _join_cgroup(ready: int, files: tuple[str, ...]) -> None:
-    """Join the sandbox's cgroup leaf by writing 0 (ourselves) into each of ``files`` (cgroup v1
-    ``tasks``: the cheap way, see cgroups_v1), before the cgroup namespace is unshared."""
-
-    def join() -> None:
-        for path in files:
+def join_cgroup(files: tuple[str, ...]) -> None:
+    """Join a cgroup leaf by writing ``0`` (the calling process; in cgroup v1 ``tasks``: the
+    calling thread, the cheap way, see cgroups_v1) into each of ``files``. Here because the factory
+    must stay small: the supervisor's test process joins with it too."""
+    for path in files:
+        try:
             fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
             try:
                 os.write(fd, b"0")
-            except OSError as exc:
-                raise OSError(exc.errno, f"cannot join the sandbox's cgroup {path}: {exc.strerror}") from None
             finally:
                 os.close(fd)
+        except OSError as exc:
+            raise OSError(exc.errno, f"cannot join the cgroup {path}: {exc.strerror}") from None
 
+
+def _join_cgroup(ready: int, files: tuple[str, ...]) -> None:
+    """The init (or holder) joins the sandbox's leaf, before the cgroup namespace is unshared."""
     if files:
-        _step(ready, "cgroup limits", join)
+        _step(ready, "cgroup limits", lambda: join_cgroup(files))
 
 
 def _holder(bp: Blueprint, ready: int, control: Optional[socket.socket], join: tuple[str, ...] = ()) -> NoReturn:
@@ -228,11 +231,10 @@ def _forward(signum: int) -> None:
 class _Build:
     """A sandbox being built: its processes forked, its init not yet ready."""
 
-    __slots__ = ("ident", "bp", "holder", "ours", "cgroup", "direct")
+    __slots__ = ("ident", "bp", "holder", "ours", "cgroup")
 
-    def __init__(self, ident: int, bp: Blueprint, holder: int, ours: Optional[socket.socket],
-                 cgroup: tuple[str, ...], direct: bool) -> None:
-        self.ident, self.bp, self.holder, self.ours, self.cgroup, self.direct = ident, bp, holder, ours, cgroup, direct
+    def __init__(self, ident: int, bp: Blueprint, holder: int, ours: Optional[socket.socket], cgroup: tuple[str, ...]) -> None:
+        self.ident, self.bp, self.holder, self.ours, self.cgroup = ident, bp, holder, ours, cgroup
 
 
 class _Workshop:
@@ -252,7 +254,7 @@ class _Workshop:
         if it failed at once; else :meth:`finish` answers when the ready pipe is readable."""
         read, write = os.pipe()
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET) if bp.control else (None, None)
-        direct = not bp.userns  # root: the init is our child, and its own holder
+        direct = not bp.userns  # root: the init is our child, and its own holder (see _fork_init)
         # the other builds' pipes and sockets stay out of this one (a control socket's end would
         # otherwise never see EOF)
         others = (read, *self.building, *(b.ours.fileno() for b in self.building.values() if b.ours is not None))
@@ -273,7 +275,7 @@ class _Workshop:
         os.close(write)
         if theirs is not None:
             theirs.close()
-        self.building[read] = _Build(ident, bp, holder, ours, tuple(cgroup), direct)
+        self.building[read] = _Build(ident, bp, holder, ours, tuple(cgroup))
         return None
 
     def finish(self, read: int) -> Optional[dict[str, Any]]:
@@ -297,7 +299,7 @@ class _Workshop:
             if b.ours is not None:
                 b.ours.close()
             return None if b.ident < 0 else {"id": b.ident, "error": answer}
-        if b.direct:
+        if not b.bp.userns:  # forked by _fork_init: the init itself
             init = b.holder
         else:
             with open(f"/proc/{b.holder}/task/{b.holder}/children") as f:

@@ -32,7 +32,7 @@ from ..linux.cgroups import INSIDE_ENV, CgroupError, Driver, Leaf, Limits, Sessi
 from ..linux.rootfs import RootOptions
 from .accounting import Measurement, from_cgroup, from_rusage
 from .channel import Channel
-from .factory import Blueprint, Factory, Prepared, SetupFailure
+from .factory import Blueprint, Factory, Prepared, SetupFailure, join_cgroup
 from .spec import SandboxSpec
 
 __all__ = ["Launcher", "Outcome", "Plan", "SetupFailure"]
@@ -110,18 +110,6 @@ def _fail_early(chan: Channel, step: str, exc: BaseException) -> NoReturn:
     os._exit(125)
 
 
-def _join_cgroups(files: tuple[str, ...]) -> None:
-    for path in files:
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
-            try:
-                os.write(fd, b"0")  # "0": the writing process (in ``tasks``: thread)
-            finally:
-                os.close(fd)
-        except OSError as exc:
-            raise OSError(exc.errno, f"cannot join the test's cgroup {path}: {exc.strerror}") from None
-
-
 def _payload(plan: Plan, chan: Channel, target: Callable[[Channel], int], fds: dict[str, int],
              procs: tuple[str, ...], gate: int = -1) -> NoReturn:
     """PID 2: die with the supervisor, join its cgroup leaf (from the host's cgroup namespace) and
@@ -136,7 +124,7 @@ def _payload(plan: Plan, chan: Channel, target: Callable[[Channel], int], fds: d
     except BaseException as exc:
         _fail_early(chan, "setns", exc)
     try:
-        _join_cgroups(procs)
+        join_cgroup(procs)
     except OSError as exc:
         _fail_early(chan, "cgroup limits", exc)
     try:
