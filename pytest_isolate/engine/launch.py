@@ -252,7 +252,7 @@ class Launcher:
 
     def tidy(self) -> None:
         """Remove the leaves of sandboxes that have ended (best effort, never waits; close() insists)."""
-        self._remove_retired(keep_failed=True)
+        self._remove_retired(best_effort=True)
 
     def _reap(self, block: bool = False) -> None:
         for pid in list(self.exiting):
@@ -262,22 +262,22 @@ class Launcher:
             except ChildProcessError:
                 self.exiting.remove(pid)
 
-    def _remove_retired(self, keep_failed: bool = False) -> None:
-        """Remove retired leaves. While tests run (``keep_failed``) only the empty ones, with one
-        rmdir each: a leaf whose processes are still dying stays for the next call. At close,
-        every one, killing what is left and waiting for it."""
+    def _remove_retired(self, best_effort: bool = False) -> None:
+        """Remove retired leaves. While tests run (``best_effort``) only the empty ones, with one
+        rmdir each: a leaf whose processes are still dying (or that fails) stays for the next call.
+        At close, every one, killing what is left and waiting for it."""
         self._reap()
         failed = []
         while self.retired:
             leaf = self.retired.pop()
             try:
-                if keep_failed:
+                if best_effort:
                     if not leaf.try_remove():
                         failed.append(leaf)
                 else:
                     leaf.remove()
             except CgroupError:
-                if not keep_failed:
+                if not best_effort:
                     raise
                 failed.append(leaf)  # kept: close() tries again and reports
         self.retired.extend(failed)
@@ -381,31 +381,35 @@ class Launcher:
             return pid
         if self_join is not None:
             procs = ()
-        # Root: we move the child into its leaf ourselves while it joins the namespaces (the
-        # migrations overlap its setns calls); it waits at the gate before running anything.
-        gate, opener = os.pipe()
+        # Root: where the child cannot join cheaply itself, we move it into its leaf while it joins
+        # the namespaces (the migrations overlap its setns calls); it waits at the gate before
+        # running anything.
+        gate, opener = os.pipe() if procs else (-1, -1)
         libc.setns(fds["pid"], libc.CLONE_NEWPID)  # our children are born in the sandbox: PID 2
         try:
             pid = os.fork()
             if pid == 0:
                 try:
-                    os.close(opener)
+                    if opener >= 0:
+                        os.close(opener)
                     _payload(plan, chan, target, fds, self_join or (), gate)
                 finally:
                     os._exit(125)
         finally:
             libc.setns(self.own_pid_ns, libc.CLONE_NEWPID)
-            os.close(gate)
-        try:
-            for path in procs:
-                with open(path, "w") as f:
-                    f.write(str(pid))
-            os.write(opener, b"g")
-        except OSError as exc:
-            chan.send("setup-error", step="cgroup limits", errno=exc.errno,
-                      message=f"cannot move the test's process into {path}: {exc.strerror}")
-        finally:
-            os.close(opener)  # without the "g", the child stops at the gate (EOF)
+            if gate >= 0:
+                os.close(gate)
+        if procs:
+            try:
+                for path in procs:
+                    with open(path, "w") as f:
+                        f.write(str(pid))
+                os.write(opener, b"g")
+            except OSError as exc:
+                chan.send("setup-error", step="cgroup limits", errno=exc.errno,
+                          message=f"cannot move the test's process into {path}: {exc.strerror}")
+            finally:
+                os.close(opener)  # without the "g", the child stops at the gate (EOF)
         return pid
 
     def acquire(self, plan: Plan) -> tuple[Prepared, Optional[Leaf]]:
@@ -474,7 +478,7 @@ class Launcher:
             for fd in fds.values():
                 os.close(fd)
         try:
-            self._remove_retired(keep_failed=True)  # we only wait for the payload now: the deferred cgroup work
+            self._remove_retired(best_effort=True)  # we only wait for the payload now: the deferred cgroup work
             if after_start is not None:
                 after_start()
             timeout = outcome.spec.timeout if outcome.spec is not None else None
