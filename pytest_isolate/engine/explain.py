@@ -10,7 +10,7 @@ import errno
 import os
 
 from ..linux.cgroups import INSIDE_ENV
-from ..linux.probe import read_text
+from ..linux.probe import userns_blocking_sysctls
 from .factory import SetupFailure
 
 
@@ -26,13 +26,14 @@ CONTAINER_FIX = (
 
 def userns_blocker() -> tuple[str, str]:
     """(what blocks unprivileged user namespaces, the command that lifts it)."""
-    if read_text("/proc/sys/kernel/apparmor_restrict_unprivileged_userns") == "1":
+    blocking = userns_blocking_sysctls()
+    if "kernel.apparmor_restrict_unprivileged_userns" in blocking:
         return ("AppArmor restricts unprivileged user namespaces (kernel.apparmor_restrict_unprivileged_userns=1, "
                 "Ubuntu 23.10+)", "sudo sysctl -w kernel.apparmor_restrict_unprivileged_userns=0")
-    if read_text("/proc/sys/kernel/unprivileged_userns_clone") == "0":
+    if "kernel.unprivileged_userns_clone" in blocking:
         return ("unprivileged user namespaces are disabled (kernel.unprivileged_userns_clone=0, Debian)",
                 "sudo sysctl -w kernel.unprivileged_userns_clone=1")
-    if read_text("/proc/sys/user/max_user_namespaces") == "0":
+    if "user.max_user_namespaces" in blocking:
         return ("user namespaces are disabled (user.max_user_namespaces=0)", "sudo sysctl -w user.max_user_namespaces=15000")
     if in_container():
         return ("the container's seccomp/AppArmor profile forbids unshare()", CONTAINER_FIX)

@@ -193,15 +193,24 @@ def read_text(path: str) -> Optional[str]:
         return None
 
 
-USERNS_SYSCTLS = ("user.max_user_namespaces", "kernel.unprivileged_userns_clone",
-                  "kernel.apparmor_restrict_unprivileged_userns")
+# The sysctls known to block unprivileged user namespaces, and the value that blocks.
+USERNS_SYSCTLS = {"user.max_user_namespaces": "0", "kernel.unprivileged_userns_clone": "0",
+                  "kernel.apparmor_restrict_unprivileged_userns": "1"}
+
+
+def sysctl(name: str) -> Optional[str]:
+    return read_text("/proc/sys/" + name.replace(".", "/"))
+
+
+def userns_blocking_sysctls() -> list[str]:
+    """Those of USERNS_SYSCTLS set to their blocking value here."""
+    return [name for name, blocks in USERNS_SYSCTLS.items() if sysctl(name) == blocks]
 
 
 def _sysctl_feature() -> Feature:
     """The sysctls known to block unprivileged user namespaces, with their values."""
-    values = {name: read_text("/proc/sys/" + name.replace(".", "/")) for name in USERNS_SYSCTLS}
-    blocking = (values["user.max_user_namespaces"] == "0" or values["kernel.unprivileged_userns_clone"] == "0"
-                or values["kernel.apparmor_restrict_unprivileged_userns"] == "1")
+    values = {name: sysctl(name) for name in USERNS_SYSCTLS}
+    blocking = any(values[name] == blocks for name, blocks in USERNS_SYSCTLS.items())
     detail = ", ".join(f"{k}={v}" for k, v in values.items() if v is not None)
     return Feature("user namespace sysctls", not blocking, detail or "none of them exists here", None, required=False)
 
