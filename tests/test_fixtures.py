@@ -105,3 +105,35 @@ def test_no_deprecation_warning_for_higher_scoped_fixtures(pytester: pytest.Pyte
         """
     )
     run("-W", "error").assert_outcomes(passed=2)
+
+
+def test_exitfirst_tears_down_module_fixture_in_the_failing_test(pytester: pytest.Pytester, run: Runner) -> None:
+    """The pytest process skips its setup and teardown phases when they have nothing to do (the
+    module fixture exists, the next test needs it); when -x then stops the run after a failure, the
+    module fixture is torn down in that test's teardown, as without isolation."""
+    pytester.makepyfile(
+        """
+        import logging, pytest
+
+        @pytest.fixture(scope="module")
+        def resource():
+            yield
+            print("module fixture torn down")
+
+        @pytest.mark.isolated
+        def test_a(resource):
+            logging.warning("in a")
+
+        @pytest.mark.isolated
+        def test_b(resource):
+            assert 0
+
+        @pytest.mark.isolated
+        def test_c(resource):
+            pass
+        """
+    )
+    result = run("-x", "-p", "no:randomly", "-rA")
+    result.assert_outcomes(passed=1, failed=1)
+    result.stdout.fnmatch_lines(["*_ test_b _*", "*Captured stdout teardown*", "module fixture torn down"])
+    result.stdout.no_fnmatch_line("*INTERNALERROR*")

@@ -7,7 +7,12 @@ import pytest
 from conftest import Runner
 
 
-def test_pid_hostname_network_ipc(pytester: pytest.Pytester, run: Runner) -> None:
+@pytest.mark.parametrize("join", ["pidfd", "ns-files"])
+def test_pid_hostname_network_ipc(pytester: pytest.Pytester, run: Runner, join: str) -> None:
+    """Both ways of joining the sandbox: one setns on a pidfd (Linux >= 5.8), and one
+    /proc/PID/ns file per namespace (older kernels; forced here)."""
+    if join == "ns-files":
+        pytester.makeconftest("import pytest_isolate.linux.nsjoin as nsjoin\nnsjoin.PIDFD_SETNS = False\n")
     pytester.makepyfile(
         """
         import os, socket, subprocess, sys, time, pytest

@@ -29,6 +29,7 @@ from typing import Any, Callable, NoReturn, Optional
 
 from ..linux import libc
 from ..linux.cgroups import INSIDE_ENV, CgroupError, Driver, Leaf, Limits, Session
+from ..linux.nsjoin import Namespaces
 from ..linux.rootfs import RootOptions
 from .accounting import Measurement, from_cgroup, from_rusage
 from .channel import Channel
@@ -36,10 +37,6 @@ from .factory import Blueprint, Factory, Prepared, SetupFailure, join_cgroup
 from .spec import SandboxSpec
 
 __all__ = ["Launcher", "Outcome", "Plan", "SetupFailure"]
-
-JOIN_ORDER = (("mnt", libc.CLONE_NEWNS), ("net", libc.CLONE_NEWNET), ("uts", libc.CLONE_NEWUTS),
-              ("ipc", libc.CLONE_NEWIPC), ("cgroup", libc.CLONE_NEWCGROUP))
-
 
 @dataclass(frozen=True)
 class Plan:
@@ -88,17 +85,17 @@ class Outcome:
         return os.WTERMSIG(self.status) if self.status is not None and os.WIFSIGNALED(self.status) else None
 
 
-def _open_namespaces(init: int) -> dict[str, int]:
-    names = ("user", "pid") + tuple(name for name, _ in JOIN_ORDER)
-    return {name: os.open(f"/proc/{init}/ns/{name}", os.O_RDONLY | os.O_CLOEXEC) for name in names}
+def _sandbox_flags(plan: Plan) -> int:
+    """The namespaces a payload joins besides the PID (and, rootless, the user) namespace."""
+    flags = libc.CLONE_NEWNS | libc.CLONE_NEWUTS | libc.CLONE_NEWIPC | libc.CLONE_NEWCGROUP
+    if plan.spec.net == "none":  # else the sandbox has no network namespace of its own
+        flags |= libc.CLONE_NEWNET
+    return flags
 
 
-def _join(fds: dict[str, int], plan: Plan) -> None:
-    """Join the namespaces in ``fds`` (of those in JOIN_ORDER), then the sandbox's cwd."""
-    for name, flag in JOIN_ORDER:
-        if name not in fds or (name == "net" and plan.spec.net != "none"):
-            continue
-        libc.setns(fds[name], flag)
+def _enter(ns: Namespaces, flags: int, plan: Plan) -> None:
+    """Join the namespaces in ``flags``, then the sandbox's cwd."""
+    ns.join(flags)
     try:
         os.chdir(plan.cwd)
     except OSError:
@@ -110,7 +107,7 @@ def _fail_early(chan: Channel, step: str, exc: BaseException) -> NoReturn:
     os._exit(125)
 
 
-def _payload(plan: Plan, chan: Channel, target: Callable[[Channel], int], fds: dict[str, int],
+def _payload(plan: Plan, chan: Channel, target: Callable[[Channel], int], ns: Namespaces, flags: int,
              procs: tuple[str, ...], gate: int = -1) -> NoReturn:
     """PID 2: die with the supervisor, join its cgroup leaf (from the host's cgroup namespace) and
     the namespaces left to join (root: all; rootless: the cgroup one), run ``target``, exit.
@@ -128,9 +125,8 @@ def _payload(plan: Plan, chan: Channel, target: Callable[[Channel], int], fds: d
     except OSError as exc:
         _fail_early(chan, "cgroup limits", exc)
     try:
-        _join(fds, plan)
-        for fd in fds.values():
-            os.close(fd)
+        _enter(ns, flags, plan)
+        ns.close()
     except BaseException as exc:
         _fail_early(chan, "setns", exc)
     if gate >= 0 and os.read(gate, 1) != b"g":
@@ -153,7 +149,8 @@ def _payload(plan: Plan, chan: Channel, target: Callable[[Channel], int], fds: d
 
 def _finish(chan: Channel, code: int) -> None:
     """Tell the supervisor we are done, with our exit code and resource usage, before exiting:
-    tearing down a forked copy of pytest takes the kernel milliseconds nobody needs to wait for."""
+    tearing down a forked copy of pytest takes the kernel milliseconds nobody needs to wait for, and
+    the supervisor kills the init at once, so the rest of the sandbox goes while we exit."""
     own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     merged = [max(a, b) if name == "ru_maxrss" else a + b
               for name, a, b in zip(RUSAGE_FIELDS, own, children)]
@@ -163,7 +160,7 @@ def _finish(chan: Channel, code: int) -> None:
         pass  # the supervisor then waits for our exit instead
 
 
-def _relay(plan: Plan, chan: Channel, target: Callable[[Channel], int], fds: dict[str, int], procs: tuple[str, ...]) -> NoReturn:
+def _relay(plan: Plan, chan: Channel, target: Callable[[Channel], int], ns: Namespaces, procs: tuple[str, ...]) -> NoReturn:
     """Rootless: join the user namespace first (gaining its capabilities), then the rest, then fork PID 2.
 
     The relay stays out of the test's cgroup leaf — with memory.oom.group an OOM kill takes every
@@ -172,17 +169,13 @@ def _relay(plan: Plan, chan: Channel, target: Callable[[Channel], int], fds: dic
     """
     try:
         libc.prctl(libc.PR_SET_PDEATHSIG, signal.SIGKILL)
-        libc.setns(fds["user"], libc.CLONE_NEWUSER)
-        _join({k: v for k, v in fds.items() if k != "cgroup"}, plan)
-        libc.setns(fds["pid"], libc.CLONE_NEWPID)
-        for name, fd in fds.items():
-            if name != "cgroup":
-                os.close(fd)
+        flags = _sandbox_flags(plan) & ~libc.CLONE_NEWCGROUP
+        _enter(ns, libc.CLONE_NEWUSER | flags | libc.CLONE_NEWPID, plan)
         pid = os.fork()
     except BaseException as exc:
         _fail_early(chan, "setns", exc)
     if pid == 0:
-        _payload(plan, chan, target, {"cgroup": fds["cgroup"]}, procs)
+        _payload(plan, chan, target, ns, libc.CLONE_NEWCGROUP, procs)
     _, status = os.waitpid(pid, 0)
     chan.send("exit", status=status)
     os._exit(0)
@@ -365,7 +358,7 @@ class Launcher:
                 self.retired.append(leaf)
             raise
 
-    def _fork(self, plan: Plan, chan: Channel, target: Callable[[Channel], int], fds: dict[str, int],
+    def _fork(self, plan: Plan, chan: Channel, target: Callable[[Channel], int], ns: Namespaces,
               procs: tuple[str, ...], self_join: Optional[tuple[str, ...]] = None) -> int:
         """Fork the payload (rootless: its relay). It joins its leaf itself where ``self_join``
         names the files for that (cgroup v1), else rootless through ``procs`` and as root we move it."""
@@ -375,7 +368,7 @@ class Launcher:
             pid = os.fork()
             if pid == 0:
                 try:
-                    _relay(plan, chan, target, fds, procs if self_join is None else self_join)
+                    _relay(plan, chan, target, ns, procs if self_join is None else self_join)
                 finally:
                     os._exit(125)  # never let an exception climb into the forked copy of the caller
             return pid
@@ -385,14 +378,14 @@ class Launcher:
         # the namespaces (the migrations overlap its setns calls); it waits at the gate before
         # running anything.
         gate, opener = os.pipe() if procs else (-1, -1)
-        libc.setns(fds["pid"], libc.CLONE_NEWPID)  # our children are born in the sandbox: PID 2
+        ns.join(libc.CLONE_NEWPID)  # our children are born in the sandbox: PID 2
         try:
             pid = os.fork()
             if pid == 0:
                 try:
                     if opener >= 0:
                         os.close(opener)
-                    _payload(plan, chan, target, fds, self_join or (), gate)
+                    _payload(plan, chan, target, ns, _sandbox_flags(plan), self_join or (), gate)
                 finally:
                     os._exit(125)
         finally:
@@ -448,8 +441,10 @@ class Launcher:
             if leaf is not None:
                 self.retired.append(leaf)
             return outcome
+        if after_start is not None:
+            after_start()  # e.g. order the next test's sandbox: the factory builds it from now on
         try:
-            self._supervise(plan, target, after_start, sandbox, leaf, outcome)
+            self._supervise(plan, target, sandbox, leaf, outcome)
         finally:
             if leaf is not None:
                 outcome.measurement = from_cgroup(leaf.usage(), outcome.wall)
@@ -458,10 +453,11 @@ class Launcher:
                 outcome.measurement = from_rusage(outcome.rusage, outcome.wall)
         return outcome
 
-    def _supervise(self, plan: Plan, target: Callable[[Channel], int], after_start: Optional[Callable[[], None]],
-                   sandbox: Prepared, leaf: Optional[Leaf], outcome: Outcome) -> None:
+    def _supervise(self, plan: Plan, target: Callable[[Channel], int], sandbox: Prepared, leaf: Optional[Leaf],
+                   outcome: Outcome) -> None:
+        self._remove_retired(best_effort=True)  # the previous test's leaf: its processes are gone
         chan = Channel()
-        fds = _open_namespaces(sandbox.init)
+        ns = Namespaces(sandbox.init, libc.CLONE_NEWUSER | libc.CLONE_NEWPID | _sandbox_flags(plan))
         start = time.monotonic()  # the test's clock (timeout, wall) starts now, not while its sandbox was built
         self.current = (leaf, start)  # what the payload's live_usage() reads (fork copies it)
         # The payload's garbage collections then skip the heap it inherits, instead of touching (and
@@ -470,26 +466,24 @@ class Launcher:
         if freeze:
             gc.freeze()
         try:
-            pid = self._fork(plan, chan, target, fds, leaf.procs_files() if leaf is not None else (),
+            pid = self._fork(plan, chan, target, ns, leaf.procs_files() if leaf is not None else (),
                              leaf.self_join_files() if leaf is not None else None)
         finally:
             if freeze:
                 gc.unfreeze()
-            for fd in fds.values():
-                os.close(fd)
+            ns.close()
         try:
-            self._remove_retired(best_effort=True)  # we only wait for the payload now: the deferred cgroup work
-            if after_start is not None:
-                after_start()
             timeout = outcome.spec.timeout if outcome.spec is not None else None
             ended = _wait(pid, chan.done_fd, None if timeout is None else start + timeout)
+            if ended != "exit":
+                # done: the sandbox's other processes go now, while the payload exits; timeout: all
+                _kill(sandbox.init)
             if ended == "timeout":
                 outcome.timed_out = True
-                _kill(sandbox.init)
                 if leaf is not None:
                     leaf.kill()
             if ended == "done":
-                self.exiting.append(pid)  # reaped later, while the next payload runs
+                self.exiting.append(pid)  # reaped later: its exit takes the kernel ~2 ms
             else:
                 _, status, outcome.rusage = os.wait4(pid, 0)
                 if not plan.userns:

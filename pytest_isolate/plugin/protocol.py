@@ -6,6 +6,10 @@ order, and inherited by the sandbox. In the sandbox: setup (function-scoped fixt
 teardown of the item, as ``runtestprotocol`` does, each report sent back as JSON the moment it
 exists. Back in the pytest process: the teardown phase again, which pops the item and tears down
 whatever higher-scoped fixtures the next item does not need, once, here.
+
+The pytest-process phases run only when they have work there (see ``_outer_setup_needed``): for
+most items of a module nothing is left to set up or tear down outside, and the sandbox runs every
+phase with all its hooks anyway.
 """
 
 from __future__ import annotations
@@ -25,9 +29,42 @@ from .reports import describe_end, load_report, make_report, send_report
 IN_SANDBOX = False
 
 
+EVALUATED_AT_SETUP = ("skip", "skipif", "xfail")  # marks pytest's setup phase acts on
+
+
 def _scope_of(item: pytest.Item, name: str) -> str:
     defs = item._fixtureinfo.name2fixturedefs.get(name)  # type: ignore[attr-defined]
     return str(defs[-1].scope) if defs else "function"
+
+
+def _outer_setup_needed(item: pytest.Item) -> bool:
+    """Whether the setup phase has work in the pytest process: a node of the item's chain (module,
+    class, ...) to set up, a higher-scoped fixture not yet made (or parametrized: its value may
+    change from item to item), or a skip/xfail mark, evaluated here so that a skipped test builds no
+    sandbox. Without any, pytest's setup would only push the item on its stack, and the sandbox does
+    the whole setup phase (every hook) anyway: we save the hook calls."""
+    if item.session.shouldfail or item.session.shouldstop:
+        return True
+    stack = item.session._setupstate.stack  # type: ignore[attr-defined,unused-ignore]
+    if list(stack) != item.listchain()[:-1] or any(exc is not None for _, exc in stack.values()):
+        return True  # a node to set up, or one whose setup failed (pytest raises that again here)
+    info = getattr(item, "_fixtureinfo", None)
+    if info is None:
+        return True
+    for name in info.names_closure:
+        defs = info.name2fixturedefs.get(name)
+        if defs and str(defs[-1].scope) != "function" and (defs[-1].cached_result is None or defs[-1].params is not None):
+            return True
+    return any(item.get_closest_marker(name) is not None for name in EVALUATED_AT_SETUP)
+
+
+def _outer_teardown_needed(item: pytest.Item, nextitem: Optional[pytest.Item]) -> bool:
+    """Whether the teardown phase has work in the pytest process: a node on the stack (the item
+    itself, if its setup ran here) that the next item does not need."""
+    if nextitem is None or item.session.shouldfail or item.session.shouldstop:
+        return True
+    needed = set(nextitem.listchain())
+    return any(node not in needed for node in item.session._setupstate.stack)  # type: ignore[attr-defined,unused-ignore]
 
 
 def _setup_outer_scopes(item: pytest.Item) -> None:
@@ -51,10 +88,22 @@ def _outer_setup(item: pytest.Item) -> pytest.TestReport:
         del item.setup
 
 
-def _outer_teardown(item: pytest.Item, nextitem: Optional[pytest.Item]) -> pytest.TestReport:
-    if item.session.shouldfail or item.session.shouldstop:
-        nextitem = None
-    report = call_and_report(item, "teardown", log=False, nextitem=nextitem)
+def _outer_teardown(item: pytest.Item, nextitem: Optional[pytest.Item], paired: bool) -> Optional[pytest.TestReport]:
+    """The teardown phase in the pytest process, if it has work (else None). Its hooks run only
+    after the setup phase's (``paired``): plugins keep per-item state from one to the other (the
+    logging plugin's records), so a teardown that became necessary meanwhile (``-x`` after this
+    item failed) first gets a setup phase with nothing to set up."""
+    report = None
+    if _outer_teardown_needed(item, nextitem):
+        if not paired:
+            item.setup = lambda: None  # type: ignore[method-assign,unused-ignore]
+            try:
+                call_and_report(item, "setup", log=False)
+            finally:
+                del item.setup
+        if item.session.shouldfail or item.session.shouldstop:
+            nextitem = None
+        report = call_and_report(item, "teardown", log=False, nextitem=nextitem)
     if hasattr(item, "_request"):  # release fixture values, as runtestprotocol does
         setattr(item, "_request", False)
         setattr(item, "funcargs", None)
@@ -145,7 +194,9 @@ def child_reports(item: pytest.Item, outcome: Outcome, hint: Callable[[Any], str
     return reports
 
 
-def _merge_teardown(sandbox: Optional[pytest.TestReport], outer: pytest.TestReport) -> pytest.TestReport:
+def _merge_teardown(item: pytest.Item, sandbox: Optional[pytest.TestReport], outer: Optional[pytest.TestReport]) -> pytest.TestReport:
+    if outer is None:
+        return sandbox if sandbox is not None else make_report(item, "teardown", "passed", None)
     if sandbox is None:
         return outer
     sandbox.sections = list(sandbox.sections) + list(outer.sections)
@@ -162,14 +213,19 @@ def run_item(item: pytest.Item, nextitem: Optional[pytest.Item], start: Callable
     """The whole protocol for one isolated item; logs its reports like ``runtestprotocol``."""
     ihook = item.ihook
     log = ihook.pytest_runtest_logreport
-    setup = _outer_setup(item)
-    if not setup.passed:
-        log(report=setup)
-        log(report=_outer_teardown(item, nextitem))
-        return
+    setup = None
+    if _outer_setup_needed(item) or _outer_teardown_needed(item, nextitem):
+        setup = _outer_setup(item)
+        if not setup.passed:
+            log(report=setup)
+            log(report=_merge_teardown(item, None, _outer_teardown(item, nextitem, setup is not None)))
+            return
+    elif hasattr(item, "_request") and not item._request:
+        item._initrequest()  # type: ignore[attr-defined]
     outcome = start(lambda chan: _sandboxed_protocol(item, chan))
     reports = child_reports(item, outcome, hint)
-    reports[0].sections = list(setup.sections) + list(reports[0].sections)
+    if setup is not None:
+        reports[0].sections = list(setup.sections) + list(reports[0].sections)
     sandbox_teardown = reports.pop() if reports[-1].when == "teardown" else None
     decorate(reports, outcome)
     for report in reports:
@@ -177,6 +233,6 @@ def run_item(item: pytest.Item, nextitem: Optional[pytest.Item], start: Callable
     for record in outcome.records:
         if record["kind"] == "warning":
             _replay_warning(record)
-    teardown = _merge_teardown(sandbox_teardown, _outer_teardown(item, nextitem))
+    teardown = _merge_teardown(item, sandbox_teardown, _outer_teardown(item, nextitem, setup is not None))
     decorate([teardown], outcome)
     log(report=teardown)
