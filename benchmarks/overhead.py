@@ -7,7 +7,13 @@ virtualenv (default ``.bench-venv``) with pytest 8.4, pytest-forked and this pro
 mode with that one interpreter: same pytest, same machine, same minute. Generates a suite of trivial tests, then runs it round-robin (plain, --isolate, --forked, ...) so
 that every mode sees the same machine noise, and reports medians: per-test wall time of each mode,
 the overhead over plain pytest and the ratio to pytest-forked; ``isolated-nocg`` runs with
-``--isolate-cgroups=off``, so the difference to ``isolated`` is what cgroups cost. Also times the bare kernel work,
+``--isolate-cgroups=off``, so the difference to ``isolated`` is what cgroups cost.
+
+It also reports the steady state, which start-up and a noisy second cannot skew: a conftest in the
+generated suite stamps every test's start (``pytest_runtest_logstart``, in the pytest process in
+every mode), each run yields the median interval between consecutive tests (the first 10 skipped),
+and each round's interval of a mode is divided by pytest-forked's in the same round; the table
+shows medians over the rounds. Also times the bare kernel work,
 ``unshare -Urpfn --mount-proc true``, for scale. Needs pytest-forked for the --forked column
 
 """
@@ -24,10 +30,27 @@ import tempfile
 import time
 
 
+STAMPS_CONFTEST = """
+import os, time
+_STARTS = []
+
+def pytest_runtest_logstart(nodeid, location):
+    _STARTS.append(time.perf_counter())
+
+def pytest_sessionfinish(session):
+    if "BENCH_STAMPS" not in os.environ:
+        return
+    with open(os.environ["BENCH_STAMPS"], "w") as f:
+        f.write("\\n".join(map(repr, _STARTS)))
+"""
+
+
 def make_suite(directory: str, tests: int) -> None:
     body = "\n".join(f"def test_{i}():\n    assert {i} >= 0\n" for i in range(tests))
     with open(os.path.join(directory, "test_generated.py"), "w") as f:
         f.write(body)
+    with open(os.path.join(directory, "conftest.py"), "w") as f:
+        f.write(STAMPS_CONFTEST)
 
 
 PROJECT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -37,7 +60,7 @@ MODES = {"plain": ["-p", "no:isolate"], "isolated": ["--isolate"], "isolated-noc
 
 def ensure_venv(venv: str) -> str:
     """A virtualenv with pytest 8.4 (pytest-forked's last working pytest), pytest-forked and us."""
-    python = os.path.join(venv, "bin", "python")
+    python = os.path.join(os.path.abspath(venv), "bin", "python")
     if not os.path.exists(python):
         subprocess.run([sys.executable, "-m", "venv", venv], check=True)
         pip = [python, "-m", "pip", "install", "-q"]
@@ -45,14 +68,19 @@ def ensure_venv(venv: str) -> str:
     return python
 
 
-def run_once(python: str, directory: str, args: list[str]) -> float:
+def run_once(python: str, directory: str, args: list[str]) -> tuple[float, float]:
+    """Wall time of the whole run, and the median interval between test starts (the steady state)."""
     cmd = [python, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist", *args]
+    stamps = os.path.join(directory, "stamps.txt")
     start = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=directory, capture_output=True, text=True, check=False)
+    proc = subprocess.run(cmd, cwd=directory, capture_output=True, text=True, check=False,
+                          env=dict(os.environ, BENCH_STAMPS=stamps))
     elapsed = time.perf_counter() - start
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
-    return elapsed
+    with open(stamps) as f:
+        starts = [float(line) for line in f if line.strip()][10:]
+    return elapsed, statistics.median(b - a for a, b in zip(starts, starts[1:]))
 
 
 def kernel_baseline(rounds: int) -> float:
@@ -74,11 +102,14 @@ def main() -> int:
     args = parser.parse_args()
     python = ensure_venv(args.venv)
     results: dict[str, list[float]] = {name: [] for name in MODES}
+    intervals: dict[str, list[float]] = {name: [] for name in MODES}
     with tempfile.TemporaryDirectory(prefix="isolate-bench-") as directory:
         make_suite(directory, args.tests)
         for _ in range(args.rounds):
             for name, extra in MODES.items():
-                results[name].append(run_once(python, directory, extra))
+                elapsed, interval = run_once(python, directory, extra)
+                results[name].append(elapsed)
+                intervals[name].append(interval)
     unshare = kernel_baseline(max(args.rounds * 10, 20))
     plain = statistics.median(results["plain"])
     per_test = {name: statistics.median(times) / args.tests for name, times in results.items()}
@@ -96,6 +127,10 @@ def main() -> int:
     cgroups = (statistics.median(results["isolated"]) - statistics.median(results["isolated-nocg"])) / args.tests * 1000
     print(f"cgroups' share (isolated - isolated-nocg): {cgroups:.2f} ms per test")
     print(f"unshare -Urpfn --mount-proc true (process start included): {unshare * 1000:.2f} ms")
+    print("steady state: median interval between test starts (ms), and its ratio to pytest-forked's in the same round")
+    for name, values in intervals.items():
+        ratios = [v / f for v, f in zip(values, intervals["forked"])]
+        print(f"{name:<14}{statistics.median(values) * 1000:>8.2f}{statistics.median(ratios):>8.2f}")
     return 0
 
 
