@@ -441,10 +441,8 @@ class Launcher:
             if leaf is not None:
                 self.retired.append(leaf)
             return outcome
-        if after_start is not None:
-            after_start()  # e.g. order the next test's sandbox: the factory builds it from now on
         try:
-            self._supervise(plan, target, sandbox, leaf, outcome)
+            self._supervise(plan, target, sandbox, leaf, outcome, after_start)
         finally:
             if leaf is not None:
                 outcome.measurement = from_cgroup(leaf.usage(), outcome.wall)
@@ -454,8 +452,7 @@ class Launcher:
         return outcome
 
     def _supervise(self, plan: Plan, target: Callable[[Channel], int], sandbox: Prepared, leaf: Optional[Leaf],
-                   outcome: Outcome) -> None:
-        self._remove_retired(best_effort=True)  # the previous test's leaf: its processes are gone
+                   outcome: Outcome, after_start: Optional[Callable[[], None]]) -> None:
         chan = Channel()
         ns = Namespaces(sandbox.init, libc.CLONE_NEWUSER | libc.CLONE_NEWPID | _sandbox_flags(plan))
         start = time.monotonic()  # the test's clock (timeout, wall) starts now, not while its sandbox was built
@@ -473,6 +470,11 @@ class Launcher:
                 gc.unfreeze()
             ns.close()
         try:
+            # While the payload starts we only wait: the deferred cgroup work (earlier tests' leaves
+            # removed, the next one made) and the next test's order to the factory.
+            self._remove_retired(best_effort=True)
+            if after_start is not None:
+                after_start()
             timeout = outcome.spec.timeout if outcome.spec is not None else None
             ended = _wait(pid, chan.done_fd, None if timeout is None else start + timeout)
             if ended != "exit":
