@@ -30,7 +30,6 @@ from typing import Any, NoReturn, Optional
 
 RESET = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD, signal.SIGPIPE, signal.SIGXFSZ)
 MAX_REQUEST = 1 << 20
-NORMAL = (os.SCHED_OTHER, os.sched_param(0))  # the factory and its inits run as SCHED_BATCH
 
 
 def _spawn(request: dict[str, Any], fds: list[int]) -> int:
@@ -38,7 +37,7 @@ def _spawn(request: dict[str, Any], fds: list[int]) -> int:
     os.chdir(request["cwd"])  # posix_spawn has no chdir action; the init's cwd does not matter
     actions = [(os.POSIX_SPAWN_DUP2, fd, target) for target, fd in enumerate(fds)]
     return os.posix_spawnp(request["argv"][0], request["argv"], request["env"], file_actions=actions,
-                           setsid=True, setsigmask=(), setsigdef=RESET, scheduler=NORMAL)
+                           setsid=True, setsigmask=(), setsigdef=RESET)
 
 
 def _reply(ctl: socket.socket, **fields: Any) -> None:

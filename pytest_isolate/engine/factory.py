@@ -372,10 +372,6 @@ def serve(stdin: IO[str], stdout: IO[str], parent: int, fds: int = -1) -> None:
     libc.prctl(libc.PR_SET_PDEATHSIG, signal.SIGKILL)
     if os.getppid() != parent:
         return
-    # Builds are background work: as SCHED_BATCH, our wake-ups (a request, a sandbox ready) and
-    # those of the inits we fork never preempt the test that runs meanwhile; we still get our
-    # fair share of the CPU. Programs the inits start get SCHED_OTHER back (execd).
-    os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
     if fds >= 0:
         os.set_inheritable(fds, False)  # pass_fds made it inheritable: keep it out of the sandboxes
     shop = _Workshop(socket.socket(fileno=fds) if fds >= 0 else None)
