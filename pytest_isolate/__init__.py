@@ -6,7 +6,9 @@ importing the plugin stays cheap.
 
 from __future__ import annotations
 
-from typing import Any
+TYPE_CHECKING = False  # the sandbox factory imports this package: keep typing out (linux/record.py)
+if TYPE_CHECKING:
+    from typing import Any
 
 __version__ = "0.1.0"
 

@@ -26,12 +26,14 @@ import select
 import signal
 import socket
 import sys
-from dataclasses import asdict, dataclass
-from typing import IO, TYPE_CHECKING, Any, NoReturn, Optional
+TYPE_CHECKING = False  # dataclasses and typing cost every fork of the factory 3 MB: see linux/record.py
+if TYPE_CHECKING:
+    from typing import IO, Any, NoReturn, Optional
 
 from ..linux import libc
 from ..linux.mounts import Step
 from ..linux.net import loopback_up
+from ..linux.record import asdict, record
 from ..linux.rootfs import RootOptions, build_root
 from ..linux.userns import unshare_with_full_map, write_identity_maps
 from .execd import serve_control  # imported now: after pivot_root (e.g. into an image) nothing can be
@@ -42,7 +44,7 @@ if TYPE_CHECKING:
 FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Blueprint:
     """What the factory needs to build one sandbox; equal blueprints make interchangeable sandboxes."""
 
@@ -68,7 +70,7 @@ class Blueprint:
         return cls(root=RootOptions(**root), **data)
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Prepared:
     """A built sandbox waiting for its payload: host PIDs of its holder and init."""
 
@@ -356,7 +358,9 @@ def _kill(pid: int) -> None:
 
 
 def _remove_bases(bases: tuple[str, ...]) -> None:
-    from .host import remove_tree
+    if not bases:
+        return
+    from ..linux.tree import remove_tree  # only with upper layers on disk: keep it out of the heap
 
     for base in bases:
         try:

@@ -6,8 +6,6 @@ The mount plan is read from the supervisor's mountinfo once; a sandbox then only
 from __future__ import annotations
 
 import os
-import shutil
-import stat
 import tempfile
 from dataclasses import dataclass
 from functools import lru_cache
@@ -93,16 +91,3 @@ def disk_upper_dirs() -> tuple[str, ...]:
     return tuple(made)
 
 
-def remove_tree(path: str) -> None:
-    """rm -rf that also gets through overlayfs's mode-000 work directories."""
-
-    def fix(func: object, p: str, _exc: object) -> None:
-        parent = os.path.dirname(p)
-        os.chmod(parent, stat.S_IRWXU)
-        if os.path.isdir(p) and not os.path.islink(p):
-            os.chmod(p, stat.S_IRWXU)
-            shutil.rmtree(p, ignore_errors=True)
-        else:
-            os.unlink(p)
-
-    shutil.rmtree(path, onerror=fix)  # noqa: B028 - onexc needs 3.12

@@ -22,12 +22,13 @@ from typing import Any, Callable, Mapping, NoReturn, Optional, Sequence, TypeVar
 from ..linux.cgroups import INSIDE_ENV, CgroupError, Limits, detect
 from ..linux.mounts import Step
 from ..linux.rootfs import RootOptions
+from ..linux.tree import remove_tree
 from .accounting import Measurement
 from .channel import Channel
 from .errors import IsolationDegradedWarning, IsolationUnavailable, SandboxCallError, SandboxRunError, signal_name
 from .explain import explain
 from .factory import SetupFailure
-from .host import current_host, disk_upper_dirs, remove_tree
+from .host import current_host, disk_upper_dirs
 from .launch import Launcher, Plan
 from .process import DEVNULL, PIPE, ExecFailed, SandboxProcess, Stream
 from .spec import FIELD_NAMES, SandboxSpec, SpecError, build_spec

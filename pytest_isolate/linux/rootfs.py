@@ -11,11 +11,13 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
-from typing import Sequence
+TYPE_CHECKING = False  # typing costs the factory 1.1 MB of heap: see record.py
+if TYPE_CHECKING:
+    from typing import Sequence
 
 from . import libc
 from .mounts import Step
+from .record import record
 
 STAGE = "/tmp"
 OLD = "/oldroot"
@@ -24,7 +26,7 @@ SCRATCH = "/scratch"
 LOWER = "/lower"
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class RootOptions:
     """How to build the root: which layers, and where the upper layers live."""
 
