@@ -202,6 +202,16 @@ def _wait(pid: int, done: int, deadline: Optional[float]) -> str:
         os.close(fd)
 
 
+def _join_ways(leaf: Optional[Leaf]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """How a process gets into ``leaf``: (the ``cgroup.procs`` files another process moves it
+    through, the files it writes ``0`` into itself). At most one is non-empty: a leaf the process
+    can join cheaply by itself (cgroup v1, ``Leaf.self_join_files``) is never moved into."""
+    if leaf is None:
+        return (), ()
+    own = leaf.self_join_files()
+    return ((), own) if own is not None else (leaf.procs_files(), ())
+
+
 def _kill(pid: int) -> None:
     try:
         os.kill(pid, signal.SIGKILL)
@@ -327,10 +337,9 @@ class Launcher:
             leaf = self._leaf(self.session, Limits(plan.spec.memory, plan.spec.cpus, plan.spec.pids))
         else:
             self._prepare_leaf(plan)
-        join = leaf.self_join_files() if leaf is not None else None
-        procs = leaf.procs_files() if leaf is not None and join is None else ()
+        procs, join = _join_ways(leaf)
         try:
-            ticket = self._factory().order(plan.key, procs, join or ())
+            ticket = self._factory().order(plan.key, procs, join)
         except BaseException:
             if leaf is not None:
                 self.retired.append(leaf)
@@ -359,21 +368,19 @@ class Launcher:
             raise
 
     def _fork(self, plan: Plan, chan: Channel, target: Callable[[Channel], int], ns: Namespaces,
-              procs: tuple[str, ...], self_join: Optional[tuple[str, ...]] = None) -> int:
-        """Fork the payload (rootless: its relay). It joins its leaf itself where ``self_join``
-        names the files for that (cgroup v1), else rootless through ``procs`` and as root we move it."""
+              procs: tuple[str, ...], self_join: tuple[str, ...]) -> int:
+        """Fork the payload (rootless: its relay). It joins its leaf itself through ``self_join``
+        (see _join_ways), else rootless through ``procs`` and as root we move it through them."""
         # The children never return from _relay/_payload (os._exit), so nothing after fork() — in
         # particular the finally below — ever runs in a child.
         if plan.userns:
             pid = os.fork()
             if pid == 0:
                 try:
-                    _relay(plan, chan, target, ns, procs if self_join is None else self_join)
+                    _relay(plan, chan, target, ns, self_join or procs)
                 finally:
                     os._exit(125)  # never let an exception climb into the forked copy of the caller
             return pid
-        if self_join is not None:
-            procs = ()
         # Root: where the child cannot join cheaply itself, we move it into its leaf while it joins
         # the namespaces (the migrations overlap its setns calls); it waits at the gate before
         # running anything.
@@ -385,7 +392,7 @@ class Launcher:
                 try:
                     if opener >= 0:
                         os.close(opener)
-                    _payload(plan, chan, target, ns, _sandbox_flags(plan), self_join or (), gate)
+                    _payload(plan, chan, target, ns, _sandbox_flags(plan), self_join, gate)
                 finally:
                     os._exit(125)
         finally:
@@ -463,8 +470,7 @@ class Launcher:
         if freeze:
             gc.freeze()
         try:
-            pid = self._fork(plan, chan, target, ns, leaf.procs_files() if leaf is not None else (),
-                             leaf.self_join_files() if leaf is not None else None)
+            pid = self._fork(plan, chan, target, ns, *_join_ways(leaf))
         finally:
             if freeze:
                 gc.unfreeze()
