@@ -52,9 +52,10 @@ def _outer_setup_needed(item: pytest.Item) -> bool:
     if info is None:
         return True
     for name in info.names_closure:
-        defs = info.name2fixturedefs.get(name)
-        if defs and str(defs[-1].scope) != "function" and (defs[-1].cached_result is None or defs[-1].params is not None):
-            return True
+        if _scope_of(item, name) != "function":
+            fixturedef = info.name2fixturedefs[name][-1]
+            if fixturedef.cached_result is None or fixturedef.params is not None:
+                return True
     return any(item.get_closest_marker(name) is not None for name in EVALUATED_AT_SETUP)
 
 
@@ -79,8 +80,6 @@ def _setup_outer_scopes(item: pytest.Item) -> None:
 
 
 def _outer_setup(item: pytest.Item) -> pytest.TestReport:
-    if hasattr(item, "_request") and not item._request:
-        item._initrequest()  # type: ignore[attr-defined]
     item.setup = lambda: _setup_outer_scopes(item)  # type: ignore[method-assign,unused-ignore]
     try:
         return call_and_report(item, "setup", log=False)
@@ -213,15 +212,15 @@ def run_item(item: pytest.Item, nextitem: Optional[pytest.Item], start: Callable
     """The whole protocol for one isolated item; logs its reports like ``runtestprotocol``."""
     ihook = item.ihook
     log = ihook.pytest_runtest_logreport
+    if hasattr(item, "_request") and not item._request:
+        item._initrequest()  # type: ignore[attr-defined]
     setup = None
     if _outer_setup_needed(item) or _outer_teardown_needed(item, nextitem):
         setup = _outer_setup(item)
         if not setup.passed:
             log(report=setup)
-            log(report=_merge_teardown(item, None, _outer_teardown(item, nextitem, setup is not None)))
+            log(report=_merge_teardown(item, None, _outer_teardown(item, nextitem, True)))
             return
-    elif hasattr(item, "_request") and not item._request:
-        item._initrequest()  # type: ignore[attr-defined]
     outcome = start(lambda chan: _sandboxed_protocol(item, chan))
     reports = child_reports(item, outcome, hint)
     if setup is not None:
