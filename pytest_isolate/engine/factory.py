@@ -13,8 +13,8 @@ user namespace (rootless) the factory cannot point its own children into a new P
 **holder** child unshares every namespace (and writes the id maps) and forks the init.
 
 Each fork copies the factory's page tables and each sandbox's Python touches (copies) some of its
-pages, so the factory imports little (no subprocess, no ctypes.util) and freezes its heap for the
-garbage collector.
+pages, so the factory imports little (no subprocess, ctypes.util, dataclasses or typing) and
+freezes its heap for the garbage collector.
 """
 
 from __future__ import annotations
@@ -26,9 +26,6 @@ import select
 import signal
 import socket
 import sys
-TYPE_CHECKING = False  # dataclasses and typing cost every fork of the factory 3 MB: see linux/record.py
-if TYPE_CHECKING:
-    from typing import IO, Any, NoReturn, Optional
 
 from ..linux import libc
 from ..linux.mounts import Step
@@ -38,8 +35,10 @@ from ..linux.rootfs import RootOptions, build_root
 from ..linux.userns import unshare_with_full_map, write_identity_maps
 from .execd import serve_control  # imported now: after pivot_root (e.g. into an image) nothing can be
 
+TYPE_CHECKING = False  # dataclasses and typing cost every fork of the factory 3 MB: see linux/record.py
 if TYPE_CHECKING:
     import subprocess  # the client's only: the factory process, forked per sandbox, stays small
+    from typing import IO, Any, NoReturn, Optional
 
 FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+
 TYPE_CHECKING = False  # typing costs the factory 1.1 MB of heap: see record.py
 if TYPE_CHECKING:
     from typing import Any, Callable, Optional

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import stat
+
 from .record import record
 
 TYPE_CHECKING = False  # typing costs the factory 1.1 MB of heap: see record.py

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import os
+
 TYPE_CHECKING = False  # typing costs the factory 1.1 MB of heap: see record.py
 if TYPE_CHECKING:
     from typing import Sequence
