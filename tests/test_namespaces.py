@@ -7,15 +7,19 @@ import pytest
 from conftest import Runner
 
 
-@pytest.mark.parametrize("join", ["pidfd", "ns-files"])
-def test_pid_hostname_network_ipc(pytester: pytest.Pytester, run: Runner, join: str) -> None:
+@pytest.mark.parametrize("join", ["pidfd", "ns-files", "python-init"])
+def test_pid_hostname_network_ipc(pytester: pytest.Pytester, run: Runner, join: str,
+                                  monkeypatch: pytest.MonkeyPatch) -> None:
     """Both ways of joining the sandbox: one setns on a pidfd (Linux >= 5.8), and one
-    /proc/PID/ns file per namespace (older kernels; forced here)."""
+    /proc/PID/ns file per namespace (older kernels; forced here); and, as root, both inits: the
+    factory's tinyinit and (forced here, as on machines without one) a forked Python init."""
     if join == "ns-files":
         pytester.makeconftest("import pytest_isolate.linux.nsjoin as nsjoin\nnsjoin.PIDFD_SETNS = False\n")
+    if join == "python-init":
+        monkeypatch.setenv("PYTEST_ISOLATE_TINYINIT", "0")
     pytester.makepyfile(
         """
-        import os, socket, subprocess, sys, time, pytest
+        import os, signal, socket, subprocess, sys, time, pytest
 
         def ppid(pid):
             with open(f"/proc/{pid}/stat") as f:
@@ -48,6 +52,19 @@ def test_pid_hostname_network_ipc(pytester: pytest.Pytester, run: Runner, join: 
             while os.path.exists(f"/proc/{orphan}") and time.monotonic() < deadline:
                 time.sleep(0.01)
             assert not os.path.exists(f"/proc/{orphan}"), "PID 1 did not reap the orphan"
+
+        @pytest.mark.isolated
+        def test_init_forwards_signals_to_pid_2():
+            forwarded = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+            got = []
+            for sig in forwarded:
+                signal.signal(sig, lambda signum, frame: got.append(signum))
+            for sig in forwarded:
+                os.kill(1, sig)
+            deadline = time.monotonic() + 10
+            while len(got) < len(forwarded) and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert sorted(got) == sorted(forwarded)
 
         @pytest.mark.isolated
         def test_default_hostname():
@@ -83,7 +100,7 @@ def test_pid_hostname_network_ipc(pytester: pytest.Pytester, run: Runner, join: 
         """
     )
     result = run("-v")
-    result.assert_outcomes(passed=8)
+    result.assert_outcomes(passed=9)
 
 
 def test_header_names_isolation_in_effect(pytester: pytest.Pytester, run: Runner) -> None:

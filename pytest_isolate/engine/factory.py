@@ -5,12 +5,18 @@ pytest process is the biggest one around. So the namespaces, the copy-on-write r
 (PID 1) of the *next* sandbox are made by the factory — an exec'd, small Python process — while the
 current test runs; the test's process then only forks and joins them with ``setns``.
 
-Per sandbox the factory forks the **init**, PID 1 of a new PID namespace, which unshares the other
-namespaces, builds the root, sets the hostname, brings ``lo`` up, reports ready, then reaps orphans
-and forwards SIGTERM/SIGINT/SIGHUP to PID 2 until it is killed. Killing the init ends the PID
-namespace and every process in it; the factory reaps it and removes on-disk upper layers. With a
-user namespace (rootless) the factory cannot point its own children into a new PID namespace, so a
-**holder** child unshares every namespace (and writes the id maps) and forks the init.
+As root (no user namespace) the factory builds each sandbox in its own process: it unshares the
+namespaces, starts the sandbox's **init** — ``tinyinit``, a 400-byte executable spawned with
+``posix_spawn``, PID 1 of the new PID namespace — builds the root around it, sets the hostname,
+brings ``lo`` up, gives the init the go to mount ``/proc``, and returns to its own namespaces (those
+of its parent, pytest). The init reaps orphans and forwards SIGTERM/SIGINT/SIGHUP to PID 2 until it
+is killed. Killing the init ends the PID namespace and every process in it; the factory reaps it.
+
+Otherwise (a user namespace, the Sandbox API's control socket, no tinyinit for this machine) the
+factory forks a Python init, which unshares the other namespaces, builds the root, reports ready,
+then reaps and forwards the same way. With a user namespace (rootless) the factory cannot point its
+own children into a new PID namespace, so a **holder** child unshares every namespace (and writes
+the id maps) and forks the init.
 
 Each fork copies the factory's page tables and each sandbox's Python touches (copies) some of its
 pages, so the factory imports little (no subprocess, ctypes.util, dataclasses or typing) and
@@ -27,11 +33,12 @@ import signal
 import socket
 import sys
 
-from ..linux import libc
+from ..linux import libc, tinyinit
 from ..linux.mounts import Step
 from ..linux.net import loopback_up
+from ..linux.nsjoin import Namespaces
 from ..linux.record import asdict, record
-from ..linux.rootfs import RootOptions, build_root
+from ..linux.rootfs import RootOptions, build_root, proc_points
 from ..linux.userns import unshare_with_full_map, write_identity_maps
 from .execd import serve_control  # imported now: after pivot_root (e.g. into an image) nothing can be
 
@@ -41,6 +48,8 @@ if TYPE_CHECKING:
     from typing import IO, Any, NoReturn, Optional
 
 FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+# what the factory leaves, and comes back to, when it builds a sandbox itself
+HOME = libc.CLONE_NEWNS | libc.CLONE_NEWNET | libc.CLONE_NEWUTS | libc.CLONE_NEWIPC | libc.CLONE_NEWCGROUP | libc.CLONE_NEWPID
 
 
 @record(frozen=True)
@@ -213,6 +222,23 @@ def _init(bp: Blueprint, ready: int, control: Optional[socket.socket]) -> NoRetu
         signal.sigtimedwait({signal.SIGCHLD}, 1.0)
 
 
+def _here(step: str, func: Any) -> Any:
+    """Run one step of building a sandbox in the factory itself; a failure becomes a SetupFailure."""
+    try:
+        return func()
+    except OSError as exc:
+        raise SetupFailure(step, exc.errno, str(exc)) from None
+    except Exception as exc:
+        raise SetupFailure(step, None, f"{type(exc).__name__}: {exc}") from None
+
+
+def _proc_last(root: RootOptions) -> bool:
+    """Whether the root's ``/proc`` mounts can wait until the rest is built (nothing goes below one)."""
+    points = proc_points(root)
+    later = [*root.writable, *(target for _, target in root.binds)]
+    return not any(p == q or p.startswith(q.rstrip("/") + "/") for p in later for q in points)
+
+
 def _reap_all() -> None:
     """Reap every exited child: orphans of the namespace are re-parented to us, PID 1."""
     try:
@@ -232,28 +258,81 @@ def _forward(signum: int) -> None:
 class _Build:
     """A sandbox being built: its processes forked, its init not yet ready."""
 
-    __slots__ = ("ident", "bp", "holder", "ours", "cgroup")
+    __slots__ = ("ident", "bp", "holder", "ours", "cgroup", "tiny")
 
-    def __init__(self, ident: int, bp: Blueprint, holder: int, ours: Optional[socket.socket], cgroup: tuple[str, ...]) -> None:
+    def __init__(self, ident: int, bp: Blueprint, holder: int, ours: Optional[socket.socket], cgroup: tuple[str, ...],
+                 tiny: bool = False) -> None:
         self.ident, self.bp, self.holder, self.ours, self.cgroup = ident, bp, holder, ours, cgroup
+        self.tiny = tiny  # its init is tinyinit's: it says "k" when ready, else its exit status says why
 
 
 class _Workshop:
     """The factory's state: sandboxes being built (several at once: one core each), built and not
     yet killed, and holders not yet reaped."""
 
-    def __init__(self, fds: Optional[socket.socket] = None) -> None:
+    def __init__(self, fds: Optional[socket.socket] = None, parent: int = 0) -> None:
         self.building: dict[int, _Build] = {}  # by the read end of its ready pipe
         self.live: dict[int, tuple[int, int, tuple[str, ...]]] = {}
         self.dying: dict[int, tuple[str, ...]] = {}
         self.fds = fds  # where control sockets go to the client (SCM_RIGHTS)
         self.own_pid_ns = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
+        # Root builds in this process and returns: to our parent's namespaces (pytest's, which are
+        # ours: it started us without changing any) and our own root directory.
+        self.tiny = tinyinit.executable() if parent and os.geteuid() == 0 else None
+        self.home = Namespaces(parent, HOME) if self.tiny else None
+        self.root = os.open("/", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+
+    def _tiny_fits(self, bp: Blueprint, cgroup: Any, join: Any) -> bool:
+        """Whether to build in this process around a tinyinit (else fork a Python init)."""
+        return bool(self.tiny) and not bp.userns and not bp.control and not cgroup and not join and _proc_last(bp.root)
+
+    def _build_here(self, bp: Blueprint, ready: int) -> int:
+        """Build a sandbox in the factory itself and start its tinyinit (see tinyinit.py): unshare
+        every namespace here, spawn the init (PID 1 of the new PID namespace, sharing none of our
+        memory), build the root around it — ``pivot_root`` moves the init's root with ours — then
+        give it the go to mount ``/proc`` from inside, and come home. Returns the init's PID."""
+        assert self.tiny is not None and self.home is not None
+        flags = _flags(bp)
+        go_read, go = os.pipe()
+        try:
+            _here("unshare", lambda: libc.unshare(flags))
+            try:
+                init: int = _here("start the init", lambda: tinyinit.spawn(self.tiny, proc_points(bp.root), go_read, ready))
+            finally:
+                os.close(go_read)
+            try:
+                _here("build root", lambda: build_root(bp.root, mount_proc=False))
+                _here("sethostname", lambda: socket.sethostname(bp.hostname))
+                if bp.net == "none" or bp.network:
+                    _here("bring up lo", loopback_up)
+            except SetupFailure:
+                _kill(init)
+                self.dying[init] = bp.root.upper_bases
+                raise
+            os.write(go, b"g")
+        finally:
+            os.close(go)
+            self.home.join(flags)  # a failure here leaves us in a sandbox: let it end the factory
+            os.fchdir(self.root)
+            os.chroot(".")
+            os.chdir("/")
+        return init
 
     def start(self, ident: int, bp: Blueprint, cgroup: Any = (), join: Any = ()) -> Optional[dict[str, Any]]:
         """Start building a sandbox; its init is moved into the cgroups whose ``cgroup.procs`` are
         in ``cgroup``, or joins them itself through the files in ``join``. Returns an answer only
         if it failed at once; else :meth:`finish` answers when the ready pipe is readable."""
         read, write = os.pipe()
+        if self._tiny_fits(bp, cgroup, join):
+            try:
+                init = self._build_here(bp, write)
+            except SetupFailure as exc:
+                os.close(read)
+                return {"id": ident, "error": {"step": exc.step, "errno": exc.errno, "message": exc.message}}
+            finally:
+                os.close(write)
+            self.building[read] = _Build(ident, bp, init, None, (), tiny=True)
+            return None
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET) if bp.control else (None, None)
         direct = not bp.userns  # root: the init is our child, and its own holder (see _fork_init)
         # the other builds' pipes and sockets stay out of this one (a control socket's end would
@@ -292,7 +371,10 @@ class _Workshop:
         finally:
             os.close(read)
         line = data.split(b"\n")[0]
-        answer = json.loads(line) if line else {"step": "fork", "errno": None, "message": "the holder died"}
+        if b.tiny:
+            answer = {"ok": True} if line == b"k" else {"step": "init", "errno": None, "message": _why(b.holder)}
+        else:
+            answer = json.loads(line) if line else {"step": "fork", "errno": None, "message": "the holder died"}
         if b.ident < 0 or not answer.get("ok"):
             if b.ident < 0:
                 _kill(b.holder)  # discarded while it was built
@@ -349,6 +431,13 @@ class _Workshop:
         self.reap(block=True)
 
 
+def _why(init: int) -> str:
+    """Why a tinyinit exited before it was ready (left unreaped: reap() does that)."""
+    info = os.waitid(os.P_PID, init, os.WEXITED | os.WNOWAIT)
+    assert info is not None
+    return tinyinit.failure(info.si_code == os.CLD_EXITED, info.si_status)
+
+
 def _kill(pid: int) -> None:
     try:
         os.kill(pid, signal.SIGKILL)
@@ -377,7 +466,8 @@ def serve(stdin: IO[str], stdout: IO[str], parent: int, fds: int = -1) -> None:
         return
     if fds >= 0:
         os.set_inheritable(fds, False)  # pass_fds made it inheritable: keep it out of the sandboxes
-    shop = _Workshop(socket.socket(fileno=fds) if fds >= 0 else None)
+    os.chdir("/")  # the tinyinits we start keep our cwd: one in the host tree would pin it
+    shop = _Workshop(socket.socket(fileno=fds) if fds >= 0 else None, parent)
     blueprints: dict[str, Blueprint] = {}
     gc.freeze()  # what is loaded now lives on: collections in the sandboxes' inits need not touch it
 

@@ -60,9 +60,10 @@ def _copy_mode(src: str, dst: str) -> None:
 
 
 class _Builder:
-    def __init__(self, opts: RootOptions) -> None:
+    def __init__(self, opts: RootOptions, mount_proc: bool) -> None:
         self.opts = opts
         self.layers = 0
+        self.mount_proc = mount_proc
 
     def scratch_for(self, *lowers: str) -> str:
         """Where the upper layer of an overlay of ``lowers`` goes: never inside one of them."""
@@ -167,13 +168,22 @@ class _Builder:
             os.symlink(s.target, NEW + s.path)
         elif s.action == "proc":
             os.makedirs(NEW + s.path, exist_ok=True)
-            libc.mount("proc", NEW + s.path, "proc", libc.MS_NOSUID | libc.MS_NODEV | libc.MS_NOEXEC)
+            if self.mount_proc:
+                libc.mount("proc", NEW + s.path, "proc", libc.MS_NOSUID | libc.MS_NODEV | libc.MS_NOEXEC)
         else:
             raise ValueError(f"unknown root step {s.action!r}")
 
 
-def build_root(opts: RootOptions) -> None:
-    """Replace this mount namespace's root by the copy-on-write view; call as PID 1 of the sandbox."""
+def proc_points(opts: RootOptions) -> tuple[str, ...]:
+    """Where the root gets a fresh ``/proc``."""
+    return tuple(s.path for s in opts.steps if s.action == "proc")
+
+
+def build_root(opts: RootOptions, mount_proc: bool = True) -> None:
+    """Replace this mount namespace's root by the copy-on-write view. A ``/proc`` shows the PID
+    namespace of the process that mounts it: call as PID 1 of the sandbox, or without
+    ``mount_proc`` (mount points made, nothing mounted: :func:`proc_points` says where) from
+    outside it."""
     libc.mount(None, "/", None, libc.MS_REC | libc.MS_SLAVE)
     libc.mount("tmpfs", STAGE, "tmpfs", libc.MS_NOSUID | libc.MS_NODEV, f"mode=755,size={opts.scratch_size}")
     for d in (NEW, OLD, SCRATCH):
@@ -182,7 +192,7 @@ def build_root(opts: RootOptions) -> None:
     os.chdir("/")
     libc.mount(NEW, NEW, None, libc.MS_BIND)
     _copy_mode(OLD, NEW)
-    builder = _Builder(opts)
+    builder = _Builder(opts, mount_proc)
     for s in opts.steps:
         builder.step(s)
     for path in opts.writable:
