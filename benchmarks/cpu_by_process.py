@@ -78,6 +78,8 @@ def roles(found: list[Sample]) -> dict[int, str]:
             named[pid] = "idle"
         elif pid == supervisor:
             named[pid] = "pytest process"
+        elif comm == "pytest_isolate" or comm.isdigit():  # tinyinit (named by itself; before that, its memfd's fd)
+            named[pid] = "sandbox inits"
         elif not comm.startswith("python"):
             named[pid] = "kernel " + comm.split("/")[0].split("-")[0]
         elif len(mine) > 200:

@@ -536,11 +536,15 @@ class Factory:
         self.next_id = 0
         self.answers: dict[int, dict[str, Any]] = {}
         self.controls: dict[int, socket.socket] = {}
+        self.discarded: list[str] = []  # kill requests, sent with the next build request
 
     def _send(self, **request: Any) -> None:
+        """Send ``request`` and the kill requests held back: each write wakes the factory, which
+        then competes for a core with the test that is about to run."""
         assert self.proc.stdin is not None
-        self.proc.stdin.write(json.dumps(request) + "\n")
+        self.proc.stdin.write("".join(self.discarded) + json.dumps(request) + "\n")
         self.proc.stdin.flush()
+        self.discarded.clear()
 
     def order(self, blueprint: str, cgroup_procs: tuple[str, ...] = (), join: tuple[str, ...] = ()) -> int:
         """Ask for a sandbox (a ``Blueprint.to_json()``), its init to be moved into the cgroup(s)
@@ -575,8 +579,9 @@ class Factory:
         return self.controls.pop(ticket)
 
     def discard(self, ticket: int) -> None:
-        """Kill the sandbox of ``ticket`` (built or not yet collected)."""
-        self._send(op="kill", id=ticket)
+        """Kill the sandbox of ``ticket`` (built or not yet collected), with the next request or at
+        close: a sandbox being used is ended by killing its init, the factory only reaps it."""
+        self.discarded.append(json.dumps({"op": "kill", "id": ticket}) + "\n")
 
     def close(self) -> None:
         if self.proc.poll() is None:
