@@ -8,8 +8,8 @@ current test runs; the test's process then only forks and joins them with ``setn
 As root (no user namespace) the factory builds each sandbox in its own process: it unshares the
 namespaces, starts the sandbox's **init** — ``tinyinit``, a 400-byte executable spawned with
 ``posix_spawn``, PID 1 of the new PID namespace — builds the root around it, sets the hostname,
-brings ``lo`` up, gives the init the go to mount ``/proc``, and returns to its own namespaces (those
-of its parent, pytest). The init reaps orphans and forwards SIGTERM/SIGINT/SIGHUP to PID 2 until it
+brings ``lo`` up, gives the init the go to mount ``/proc``, and returns to its own namespaces (fds of
+them opened at its start). The init reaps orphans and forwards SIGTERM/SIGINT/SIGHUP to PID 2 until it
 is killed. Killing the init ends the PID namespace and every process in it; the factory reaps it.
 
 Otherwise (a user namespace, the Sandbox API's control socket, no tinyinit for this machine) the
@@ -276,10 +276,10 @@ class _Workshop:
         self.dying: dict[int, tuple[str, ...]] = {}
         self.fds = fds  # where control sockets go to the client (SCM_RIGHTS)
         self.own_pid_ns = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
-        # Root builds in this process and returns: to our parent's namespaces (pytest's, which are
-        # ours: it started us without changing any) and our own root directory.
+        # Root builds in this process and then returns to the namespaces and root directory we
+        # have now (pytest's at our start; a test in the pytest process may unshare later).
         self.tiny = tinyinit.executable() if parent and os.geteuid() == 0 else None
-        self.home = Namespaces(parent, HOME) if self.tiny else None
+        self.home = Namespaces(os.getpid(), HOME, pidfd=False) if self.tiny else None
         self.root = os.open("/", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
 
     def _tiny_fits(self, bp: Blueprint, cgroup: Any, join: Any) -> bool:

@@ -34,10 +34,12 @@ class Namespaces:
 
     Made in the supervisor and inherited by its forks; each process that joins closes its copy."""
 
-    def __init__(self, pid: int, flags: int) -> None:
+    def __init__(self, pid: int, flags: int, pidfd: bool = True) -> None:
+        """``pidfd=False``: hold the namespaces ``pid`` has now (one fd each), not wherever it is
+        when :meth:`join` is called."""
         self.pidfd = -1
         self.fds: dict[int, int] = {}
-        if PIDFD_SETNS:
+        if PIDFD_SETNS and pidfd:
             self.pidfd = os.pidfd_open(pid)  # close-on-exec, as every pidfd
             return
         try:
