@@ -1,0 +1,111 @@
+"""Compare versions of this project against each other, in alternating rounds, each against pytest-forked.
+
+    python benchmarks/ab.py [--tests 300] [--rounds 10] [--nocg] [--venv DIR] REV [REV ...]
+
+This machine's speed drifts by a third from one minute to the next, so two versions measured one
+after the other can't be compared. Here every round runs pytest-forked and then each version (a git
+revision, exported with ``git archive`` and put first on ``PYTHONPATH``) on the same generated suite
+of trivial tests, so each version meets the same minute. For each run: the median interval between
+test starts (the steady state, as in ``overhead.py``), that interval divided by pytest-forked's in the
+same round, and the CPU time of the whole process tree (pytest, its test processes, the factory and
+everything it reaped) per test. At the end: medians over the rounds, and for each version after the
+first the median of its interval divided by the first's *in the same round*, with the number of
+rounds in which it was faster. ``--nocg`` adds each version again with ``--isolate-cgroups=off``.
+Uses the virtualenv of ``overhead.py`` (pytest 8.4, pytest-forked).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+from overhead import PROJECT, ensure_venv, make_suite  # noqa: E402
+
+Run = tuple[float, float]  # (median interval between test starts in ms, CPU per test in ms)
+
+
+def export(rev: str, into: str) -> str:
+    """The package as of ``rev``, in a directory of its own (to put on PYTHONPATH)."""
+    target = os.path.join(into, rev.replace("/", "_"))
+    os.makedirs(target)
+    archive = subprocess.run(["git", "-C", PROJECT, "archive", rev, "pytest_isolate"], capture_output=True, check=True)
+    subprocess.run(["tar", "-x", "-C", target], input=archive.stdout, check=True)
+    return target
+
+
+def run(python: str, suite: str, args: list[str], pythonpath: str, tests: int) -> Run:
+    stamps = os.path.join(suite, "stamps.txt")
+    env = dict(os.environ, BENCH_STAMPS=stamps, PYTHONPATH=pythonpath)
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cmd = [python, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist", "-p", "no:randomly", *args]
+    proc = subprocess.run(cmd, cwd=suite, env=env, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime) / tests * 1e3
+    with open(stamps) as f:
+        starts = [float(line) for line in f if line.strip()][10:]
+    return statistics.median(b - a for a, b in zip(starts, starts[1:])) * 1e3, cpu
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("revs", nargs="+", metavar="REV")
+    parser.add_argument("--tests", type=int, default=300)
+    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--nocg", action="store_true", help="also run each version with --isolate-cgroups=off")
+    parser.add_argument("--venv", default=os.path.join(PROJECT, ".bench-venv"))
+    opts = parser.parse_args()
+    python = ensure_venv(opts.venv)
+    work = tempfile.mkdtemp(prefix="isolate-ab-")
+    try:
+        suite = os.path.join(work, "suite")
+        os.mkdir(suite)
+        make_suite(suite, opts.tests)
+        variants: dict[str, tuple[str, list[str]]] = {}
+        for rev in opts.revs:
+            path = export(rev, work)
+            variants[rev] = (path, ["--isolate"])
+            if opts.nocg:
+                variants[f"{rev} nocg"] = (path, ["--isolate", "--isolate-cgroups=off"])
+        results: dict[str, list[Run]] = {name: [] for name in ["forked", *variants]}
+        for r in range(opts.rounds):
+            forked = run(python, suite, ["-p", "no:isolate", "--forked"], "", opts.tests)
+            results["forked"].append(forked)
+            line = [f"forked {forked[0]:.2f}"]
+            for name, (path, args) in variants.items():
+                got = run(python, suite, args, path, opts.tests)
+                results[name].append(got)
+                line.append(f"{name} {got[0]:.2f} ({got[0] / forked[0]:.3f}, cpu {got[1]:.1f})")
+            print(f"round {r + 1}: " + "  ".join(line), flush=True)
+        print(f"\n{opts.tests} tests, {opts.rounds} rounds, medians: interval ms (ratio to pytest-forked's "
+              "in the same round), CPU ms per test")
+        forked_runs = results.pop("forked")
+        print(f"{'pytest-forked':<24}{statistics.median(i for i, _ in forked_runs):7.2f} (1.000)  "
+              f"{statistics.median(c for _, c in forked_runs):5.1f}")
+        for name, runs in results.items():
+            ratio = statistics.median(i / f[0] for (i, _), f in zip(runs, forked_runs))
+            print(f"{name:<24}{statistics.median(i for i, _ in runs):7.2f} ({ratio:.3f})  "
+                  f"{statistics.median(c for _, c in runs):5.1f}")
+        first, *others = results
+        for name in others:
+            paired = [a[0] / b[0] for a, b in zip(results[name], results[first])]
+            faster = sum(p < 1 for p in paired)
+            print(f"{name} / {first}: interval {statistics.median(paired):.3f} in the same round, "
+                  f"shorter in {faster} of {len(paired)} rounds")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
