@@ -267,8 +267,9 @@ class _Build:
 
 
 class _Workshop:
-    """The factory's state: sandboxes being built (several at once: one core each), built and not
-    yet killed, and holders not yet reaped."""
+    """The factory's state: sandboxes being built (Python inits several at once, one core each;
+    tinyinit sandboxes built here one after another, then waiting for their init's ready), built
+    and not yet killed, and holders not yet reaped."""
 
     def __init__(self, fds: Optional[socket.socket] = None, parent: int = 0) -> None:
         self.building: dict[int, _Build] = {}  # by the read end of its ready pipe
@@ -459,8 +460,8 @@ def _remove_bases(bases: tuple[str, ...]) -> None:
 
 def serve(stdin: IO[str], stdout: IO[str], parent: int, fds: int = -1) -> None:
     """The factory's loop: JSON requests, one per line, in; one JSON answer per build out, in the
-    order the builds finish. Builds run side by side: a client that orders two sandboxes ahead gets
-    both built on two cores."""
+    order the builds finish. Python inits build side by side: a client that orders two such
+    sandboxes ahead gets both built on two cores; builds around a tinyinit happen in this process."""
     libc.prctl(libc.PR_SET_PDEATHSIG, signal.SIGKILL)
     if os.getppid() != parent:
         return

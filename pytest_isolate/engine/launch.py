@@ -321,7 +321,7 @@ class Launcher:
 
     def prepare(self, plan: Plan, ahead: int = 1) -> None:
         """Have ``ahead`` sandboxes for ``plan`` built while something else runs (e.g. the current
-        test); the factory builds them side by side. Sandboxes ordered for another plan are dropped.
+        test; see factory.serve for how they are built). Sandboxes ordered for another plan are dropped.
 
         A control plan (Sandbox.run/popen) gets its cgroup leaf now too, and the factory puts the
         sandbox's init into it: the program the init starts is then born in the leaf.
