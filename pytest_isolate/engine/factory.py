@@ -48,7 +48,7 @@ if TYPE_CHECKING:
     from typing import IO, Any, NoReturn, Optional
 
 FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
-# what the factory leaves, and comes back to, when it builds a sandbox itself
+# the factory's own namespaces, left and come back to when it builds a sandbox itself (see _Workshop)
 HOME = libc.CLONE_NEWNS | libc.CLONE_NEWNET | libc.CLONE_NEWUTS | libc.CLONE_NEWIPC | libc.CLONE_NEWCGROUP | libc.CLONE_NEWPID
 
 
@@ -103,13 +103,20 @@ def _report(fd: int, **fields: Any) -> None:
     os.write(fd, json.dumps(fields).encode() + b"\n")
 
 
+def _failure(step: str, exc: BaseException) -> SetupFailure:
+    """What a failed step of building a sandbox reports: its errno, if the kernel gave one."""
+    if isinstance(exc, OSError):
+        return SetupFailure(step, exc.errno, str(exc))
+    return SetupFailure(step, None, f"{type(exc).__name__}: {exc}")
+
+
 def _step(fd: int, name: str, func: Any) -> Any:
+    """Run one step in a forked holder or init; a failure is reported on ``fd`` and ends it."""
     try:
         return func()
-    except OSError as exc:
-        _report(fd, step=name, errno=exc.errno, message=str(exc))
     except BaseException as exc:
-        _report(fd, step=name, errno=None, message=f"{type(exc).__name__}: {exc}")
+        failure = _failure(name, exc)
+        _report(fd, step=failure.step, errno=failure.errno, message=failure.message)
     os._exit(1)
 
 
@@ -121,11 +128,11 @@ def _flags(bp: Blueprint) -> int:
 
 
 def _join_user(pid: int) -> None:
-    fd = os.open(f"/proc/{pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
+    ns = Namespaces(pid, libc.CLONE_NEWUSER)
     try:
-        libc.setns(fd, libc.CLONE_NEWUSER)
+        ns.join(libc.CLONE_NEWUSER)
     finally:
-        os.close(fd)
+        ns.close()
 
 
 def join_cgroup(files: tuple[str, ...]) -> None:
@@ -181,7 +188,7 @@ def _close_all(fds: tuple[int, ...]) -> None:
             pass
 
 
-def _fork_init(bp: Blueprint, ready: int, control: Optional[socket.socket], own_pid_ns: int,
+def _fork_init(bp: Blueprint, ready: int, control: Optional[socket.socket], home: Namespaces,
                join: tuple[str, ...] = (), others: tuple[int, ...] = ()) -> int:
     """Without a user namespace (root): fork the init straight into a new PID namespace — no
     holder process to fork, wait for and reap. ``unshare(CLONE_NEWPID)`` only points our next
@@ -198,7 +205,7 @@ def _fork_init(bp: Blueprint, ready: int, control: Optional[socket.socket], own_
             finally:
                 os._exit(1)
     finally:
-        libc.setns(own_pid_ns, libc.CLONE_NEWPID)
+        home.join(libc.CLONE_NEWPID)
     return init
 
 
@@ -226,10 +233,8 @@ def _here(step: str, func: Any) -> Any:
     """Run one step of building a sandbox in the factory itself; a failure becomes a SetupFailure."""
     try:
         return func()
-    except OSError as exc:
-        raise SetupFailure(step, exc.errno, str(exc)) from None
     except Exception as exc:
-        raise SetupFailure(step, None, f"{type(exc).__name__}: {exc}") from None
+        raise _failure(step, exc) from None
 
 
 def _proc_last(root: RootOptions) -> bool:
@@ -276,12 +281,12 @@ class _Workshop:
         self.live: dict[int, tuple[int, int, tuple[str, ...]]] = {}
         self.dying: dict[int, tuple[str, ...]] = {}
         self.fds = fds  # where control sockets go to the client (SCM_RIGHTS)
-        self.own_pid_ns = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
-        # Root builds in this process and then returns to the namespaces and root directory we
-        # have now (pytest's at our start; a test in the pytest process may unshare later).
-        self.tiny = tinyinit.executable() if parent and os.geteuid() == 0 else None
-        self.home = Namespaces(os.getpid(), HOME, pidfd=False) if self.tiny else None
+        # The namespaces and root directory we have now (pytest's at our start; a test in the
+        # pytest process may unshare later), to come back to: after pointing a Python init's birth
+        # into a new PID namespace, and after building a sandbox here (root, tinyinit).
+        self.home = Namespaces(os.getpid(), HOME, pidfd=False)
         self.root = os.open("/", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        self.tiny = tinyinit.executable() if parent and os.geteuid() == 0 else None
 
     def _tiny_fits(self, bp: Blueprint, cgroup: Any, join: Any) -> bool:
         """Whether to build in this process around a tinyinit (else fork a Python init)."""
@@ -292,7 +297,7 @@ class _Workshop:
         every namespace here, spawn the init (PID 1 of the new PID namespace, sharing none of our
         memory), build the root around it — ``pivot_root`` moves the init's root with ours — then
         give it the go to mount ``/proc`` from inside, and come home. Returns the init's PID."""
-        assert self.tiny is not None and self.home is not None
+        assert self.tiny is not None
         flags = _flags(bp)
         go_read, go = os.pipe()
         try:
@@ -342,7 +347,7 @@ class _Workshop:
         if ours is not None:
             others += (ours.fileno(),)
         try:
-            holder = _fork_init(bp, write, theirs, self.own_pid_ns, tuple(join), others) if direct else os.fork()
+            holder = _fork_init(bp, write, theirs, self.home, tuple(join), others) if direct else os.fork()
         except OSError as exc:
             for fd in (read, write):
                 os.close(fd)
