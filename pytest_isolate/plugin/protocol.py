@@ -79,8 +79,11 @@ def _setup_outer_scopes(item: pytest.Item) -> None:
             request.getfixturevalue(name)
 
 
-def _outer_setup(item: pytest.Item) -> pytest.TestReport:
-    item.setup = lambda: _setup_outer_scopes(item)  # type: ignore[method-assign,unused-ignore]
+def _outer_setup(item: pytest.Item, nothing: bool = False) -> pytest.TestReport:
+    """The setup phase in the pytest process: fixtures broader than the function, or, with
+    ``nothing``, only the phase's hooks (see _outer_teardown)."""
+    setup = (lambda: None) if nothing else (lambda: _setup_outer_scopes(item))
+    item.setup = setup  # type: ignore[method-assign,unused-ignore]
     try:
         return call_and_report(item, "setup", log=False)
     finally:
@@ -95,11 +98,7 @@ def _outer_teardown(item: pytest.Item, nextitem: Optional[pytest.Item], paired: 
     report = None
     if _outer_teardown_needed(item, nextitem):
         if not paired:
-            item.setup = lambda: None  # type: ignore[method-assign,unused-ignore]
-            try:
-                call_and_report(item, "setup", log=False)
-            finally:
-                del item.setup
+            _outer_setup(item, nothing=True)
         if item.session.shouldfail or item.session.shouldstop:
             nextitem = None
         report = call_and_report(item, "teardown", log=False, nextitem=nextitem)
