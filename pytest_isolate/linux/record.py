@@ -2,9 +2,10 @@
 lines at run time.
 
 Importing ``dataclasses`` loads inspect, ast, dis, tokenize and re: 1.9 MB of heap. The factory is
-forked once per sandbox, and every megabyte it holds costs each isolated test about 0.37 ms of CPU
-(page tables copied at the fork and torn down at the init's exit; measured by growing the factory
-by 8 MB with ``benchmarks/overhead.py``'s suite). So the classes the factory builds are declared with
+forked once per sandbox that has a Python init (rootless, the Sandbox API; as root it starts a
+tinyinit instead), and every megabyte it holds cost each such test about 0.37 ms of CPU (page
+tables copied at the fork and torn down at the init's exit; measured by growing the factory by 8 MB
+with ``benchmarks/overhead.py``'s suite, when every init was a Python one). So the classes the factory builds are declared with
 ``record(frozen=True)``: mypy checks them as frozen dataclasses, and at run time this module makes
 ``__init__``, ``__eq__``, ``__hash__`` and ``__repr__`` from the annotations and defaults, with no import.
 """
