@@ -28,7 +28,7 @@ import tempfile
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from overhead import PROJECT, ensure_venv, make_suite  # noqa: E402
+from overhead import PROJECT, ensure_venv, make_suite, run_once  # noqa: E402
 
 Run = tuple[float, float]  # (median interval between test starts in ms, CPU per test in ms)
 
@@ -43,18 +43,11 @@ def export(rev: str, into: str) -> str:
 
 
 def run(python: str, suite: str, args: list[str], pythonpath: str, tests: int) -> Run:
-    stamps = os.path.join(suite, "stamps.txt")
-    env = dict(os.environ, BENCH_STAMPS=stamps, PYTHONPATH=pythonpath)
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    cmd = [python, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist", "-p", "no:randomly", *args]
-    proc = subprocess.run(cmd, cwd=suite, env=env, capture_output=True, text=True, check=False)
-    if proc.returncode != 0:
-        raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
+    _, interval = run_once(python, suite, ["-p", "no:randomly", *args], {"PYTHONPATH": pythonpath})
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = (after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime) / tests * 1e3
-    with open(stamps) as f:
-        starts = [float(line) for line in f if line.strip()][10:]
-    return statistics.median(b - a for a, b in zip(starts, starts[1:])) * 1e3, cpu
+    return interval * 1e3, cpu
 
 
 def main() -> int:

@@ -68,13 +68,14 @@ def ensure_venv(venv: str) -> str:
     return python
 
 
-def run_once(python: str, directory: str, args: list[str]) -> tuple[float, float]:
-    """Wall time of the whole run, and the median interval between test starts (the steady state)."""
+def run_once(python: str, directory: str, args: list[str], env: dict[str, str] | None = None) -> tuple[float, float]:
+    """Wall time of the whole run, and the median interval between test starts (the steady state);
+    ``env``: variables to add (e.g. PYTHONPATH, see ab.py)."""
     cmd = [python, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist", *args]
     stamps = os.path.join(directory, "stamps.txt")
     start = time.perf_counter()
     proc = subprocess.run(cmd, cwd=directory, capture_output=True, text=True, check=False,
-                          env=dict(os.environ, BENCH_STAMPS=stamps))
+                          env=dict(os.environ, BENCH_STAMPS=stamps, **(env or {})))
     elapsed = time.perf_counter() - start
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
