@@ -1,6 +1,6 @@
 """CPU time per test, split by process role, for ``--isolate`` and for pytest-forked (needs root and perf).
 
-    python benchmarks/cpu_by_process.py [--tests 300] [--venv DIR]
+    python benchmarks/cpu_by_process.py [--tests 300] [--venv DIR] [--user NAME]
 
 Wall time says how long a test takes; on a machine with few cores what decides it is often how
 much CPU every process involved burns, on any core. This runs the generated suite of trivial tests
@@ -11,7 +11,8 @@ tears network namespaces down in a kworker), idle. For each role: milliseconds o
 the kernel or interpreter frames that account for most of it (``copy_process``: fork; ``do_wp_page``:
 copy-on-write faults; ``exit_mmap``: an exiting process's memory torn down).
 
-Uses the virtualenv of ``overhead.py`` (pytest 8.4, pytest-forked, this project).
+Uses the virtualenv of ``overhead.py`` (pytest 8.4, pytest-forked, this project). ``--user``
+runs pytest as that (unprivileged) user — rootless mode — with a virtualenv it can read (``--venv``).
 """
 
 from __future__ import annotations
@@ -38,9 +39,10 @@ KEY_FRAMES = ("copy_process", "exit_mmap", "do_wp_page", "do_anonymous_page", "_
 Sample = tuple[int, str, float, list[str]]
 
 
-def record(python: str, directory: str, args: list[str], out: str) -> None:
-    cmd = ["perf", "record", "-q", "-a", "-g", "-o", out, "--", python, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-           "-p", "no:xdist", *args]
+def record(python: str, directory: str, args: list[str], out: str, user: str = "") -> None:
+    runas = ["runuser", "-u", user, "--"] if user else []
+    cmd = ["perf", "record", "-q", "-a", "-g", "-o", out, "--", *runas, python, "-m", "pytest", "-q", "-p",
+           "no:cacheprovider", "-p", "no:xdist", *args]
     proc = subprocess.run(cmd, cwd=directory, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
@@ -70,7 +72,9 @@ def roles(found: list[Sample]) -> dict[int, str]:
     by_pid: dict[int, list[Sample]] = collections.defaultdict(list)
     for s in found:
         by_pid[s[0]].append(s)
-    supervisor = next(s[0] for s in found if s[1].startswith(("python", "perf-exec")))
+    # the first process that ends up as Python (before its exec perf names it perf-exec; with
+    # --user, perf-exec is runuser, which then forks the pytest process)
+    supervisor = next(s[0] for s in found if by_pid[s[0]][-1][1].startswith("python"))
     named: dict[int, str] = {}
     for pid, mine in by_pid.items():
         comm = mine[-1][1]
@@ -78,6 +82,8 @@ def roles(found: list[Sample]) -> dict[int, str]:
             named[pid] = "idle"
         elif pid == supervisor:
             named[pid] = "pytest process"
+        elif comm == "isolate-relay":  # rootless: the fork of pytest that joins the sandbox and forks PID 2
+            named[pid] = "relays"
         elif comm == "pytest_isolate" or comm.isdigit():  # tinyinit (named by itself; before that, its memfd's fd)
             named[pid] = "sandbox inits"
         elif not comm.startswith("python"):
@@ -114,15 +120,18 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tests", type=int, default=300)
     parser.add_argument("--venv", default=os.path.join(PROJECT, ".bench-venv"))
+    parser.add_argument("--user", default="", help="run pytest as this user (rootless)")
     args = parser.parse_args()
     if os.getuid() != 0 or not shutil.which("perf"):
         raise SystemExit("needs root and perf (Debian: apt-get install linux-perf)")
     python = ensure_venv(args.venv)
     with tempfile.TemporaryDirectory(prefix="isolate-cpu-") as directory:
         make_suite(directory, args.tests)
+        if args.user:
+            shutil.chown(directory, args.user)
         for mode, extra in MODES.items():
             data = os.path.join(directory, f"{mode}.data")
-            record(python, directory, extra, data)
+            record(python, directory, extra, data, args.user)
             report(mode, samples(data), args.tests)
     return 0
 

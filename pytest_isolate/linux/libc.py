@@ -35,6 +35,7 @@ MS_SLAVE = 1 << 19
 MNT_DETACH = 2
 
 PR_SET_PDEATHSIG = 1
+PR_SET_NAME = 15
 PR_SET_CHILD_SUBREAPER = 36
 
 def _load_libc() -> ctypes.CDLL:
@@ -111,6 +112,12 @@ def setns(fd: int, nstype: int) -> None:
 def prctl(option: int, arg2: int = 0) -> None:
     """prctl(2) for the integer options we use (PDEATHSIG, CHILD_SUBREAPER)."""
     _prctl(option, arg2, 0, 0, 0)
+
+
+def set_name(name: bytes) -> None:
+    """prctl(PR_SET_NAME): what ``ps`` and ``/proc/PID/comm`` show for the calling thread (15 bytes)."""
+    buf = ctypes.create_string_buffer(name[:15])
+    _prctl(PR_SET_NAME, ctypes.addressof(buf), 0, 0, 0)
 
 
 def _pivot_root_number() -> int:
