@@ -696,6 +696,44 @@ def test_v1_self_join_and_try_remove(v1tree: tuple[FakeFs, Path, Path]) -> None:
     session.remove()
 
 
+def test_v1_usage_files_are_opened_with_the_leaf_and_read_fresh(v1tree: tuple[FakeFs, Path, Path]) -> None:
+    """The usage files are opened when the leaf is made (ahead of its test) and re-read from
+    offset 0 each time; removing the leaf closes them, and a usage read then finds nothing."""
+    fs, root, proc = v1tree
+    session = cg.detect(str(root), str(proc), mountinfo=str(root / "none"), fs=fs).open_session()
+    leaf = session.new_leaf(Limits())
+    assert isinstance(leaf, v1.V1Leaf) and leaf.opened is not None
+    opened = [fd for fd in leaf.opened.fds.values() if fd is not None]
+    assert len(opened) >= 4
+    memory = Path(leaf.dirs["memory"])
+    (memory / "memory.max_usage_in_bytes").write_text("3145728\n")
+    assert leaf.usage().memory_peak == 3145728
+    (memory / "memory.max_usage_in_bytes").write_text("4194304\n")  # longer than before, then shorter
+    assert leaf.usage().memory_peak == 4194304
+    (memory / "memory.max_usage_in_bytes").write_text("7\n")
+    assert leaf.usage().memory_peak == 7
+    assert leaf.try_remove() is True
+    assert leaf.opened is None
+    for fd in opened:
+        with pytest.raises(OSError):
+            os.fstat(fd)
+    assert leaf.usage().memory_peak is None
+    session.remove()
+
+
+def test_open_files_stands_aside_when_files_cannot_be_held(v1tree: tuple[FakeFs, Path, Path]) -> None:
+    fs, root, _ = v1tree
+
+    def out_of_fds(path: str) -> int:
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    fs.open_read = out_of_fds  # type: ignore[method-assign]
+    assert cg.open_files(fs, [str(root / "memory" / "cgroup.procs")]) is None
+    missing = cg.OpenFiles(cg.CgroupFs(), [str(root / "memory" / "nothing-here")])
+    assert missing.read(str(root / "memory"), ["nothing-here"]) == {"nothing-here": None}
+    missing.close()
+
+
 def test_v1_kill_empties_the_leaf_and_makes_only_joined_dirs(v1tree: tuple[FakeFs, Path, Path]) -> None:
     """A leaf is made only in the hierarchies the payload joins (never freezer: a per-test mkdir
     and rmdir for nothing); kill() SIGKILLs whatever is in them."""
