@@ -105,14 +105,9 @@ class CgroupFs:
     """
 
     def read(self, path: str) -> str:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)  # no text-file object: a test reads ~8 files
+        fd = self.open_read(path)  # no text-file object: a test reads ~8 files
         try:
-            chunks: list[bytes] = []
-            while True:
-                chunk = os.read(fd, 65536)
-                if not chunk:
-                    return b"".join(chunks).decode("ascii")
-                chunks.append(chunk)
+            return self.pread(fd)
         finally:
             os.close(fd)
 
@@ -123,11 +118,13 @@ class CgroupFs:
     def pread(self, fd: int) -> str:
         """The whole text of an interface file as it is now: cgroup files regenerate from offset 0."""
         chunks: list[bytes] = []
+        offset = 0
         while True:
-            chunk = os.pread(fd, 65536, sum(len(c) for c in chunks))
+            chunk = os.pread(fd, 65536, offset)
             if not chunk:
                 return b"".join(chunks).decode("ascii")
             chunks.append(chunk)
+            offset += len(chunk)
 
     def close(self, fd: int) -> None:
         os.close(fd)
@@ -581,22 +578,28 @@ def files(fs: CgroupFs, directory: str, names: Iterable[str]) -> Mapping[str, Op
 class OpenFiles:
     """A leaf's usage files, opened when the leaf is made (ahead of its test) and read with one
     ``pread`` each when the test ends: the read is on the path between two tests, and an open and
-    a close per file (of ~8) cost as much as the read."""
+    a close per file (of ~8) cost as much as the read. A file not held open (none yet, none any
+    more, or the fds ran out) is read the usual way."""
 
-    def __init__(self, fs: CgroupFs, paths: Iterable[str]) -> None:
+    def __init__(self, fs: CgroupFs) -> None:
         self.fs = fs
         self.fds: dict[str, Optional[int]] = {}
-        for path in paths:
-            try:
-                self.fds[path] = fs.open_read(path)
-            except OSError as e:
-                if e.errno not in _GONE:
-                    self.close()
-                    raise
-                self.fds[path] = None  # a file this kernel does not have
+
+    def open(self, paths: Iterable[str]) -> None:
+        """Hold ``paths`` open; if they cannot all be (out of fds, say), hold none."""
+        try:
+            for path in paths:
+                try:
+                    self.fds[path] = self.fs.open_read(path)
+                except OSError as e:
+                    if e.errno not in _GONE:
+                        raise
+                    self.fds[path] = None  # a file this kernel does not have
+        except OSError:
+            self.close()
 
     def read(self, directory: str, names: Iterable[str]) -> dict[str, Optional[str]]:
-        """Like :func:`files`; a file not opened ahead is read the usual way."""
+        """Like :func:`files`."""
         texts: dict[str, Optional[str]] = {}
         for name in names:
             path = os.path.join(directory, name)
@@ -617,12 +620,3 @@ class OpenFiles:
             if fd is not None:
                 self.fs.close(fd)
         self.fds.clear()
-
-
-def open_files(fs: CgroupFs, paths: Iterable[str]) -> Optional[OpenFiles]:
-    """:class:`OpenFiles` for ``paths``, or None if they cannot be held open (out of fds, say):
-    the usage is then read file by file, as it would be anyway."""
-    try:
-        return OpenFiles(fs, paths)
-    except OSError:
-        return None

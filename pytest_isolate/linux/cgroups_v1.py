@@ -123,17 +123,11 @@ class V1Leaf(Leaf):
         wanted = set(JOINED) | ({"cpu"} if limits is not None and limits.cpus is not None else set())
         self.dirs = {c: d for c, d in dirs.items() if c in wanted}  # every one is joined
         self.path = self.dirs.get("memory") or next(iter(self.dirs.values()), "")
-        self.opened: Optional[cg.OpenFiles] = None
+        self.opened = cg.OpenFiles(fs)
 
     def open_usage_files(self) -> None:
         """Open the usage files now, ahead of the test (see cgroups.OpenFiles)."""
-        self.opened = cg.open_files(self.fs, [os.path.join(self.dirs[c], n) for c, names in USAGE_FILES.items()
-                                              if c in self.dirs for n in names])
-
-    def _close(self) -> None:
-        if self.opened is not None:
-            self.opened.close()
-            self.opened = None
+        self.opened.open(os.path.join(self.dirs[c], n) for c, names in USAGE_FILES.items() if c in self.dirs for n in names)
 
     def distinct_dirs(self) -> list[str]:
         """One directory per hierarchy (co-mounted controllers share one)."""
@@ -155,8 +149,7 @@ class V1Leaf(Leaf):
         texts: dict[str, Optional[str]] = {}
         for controller, names in USAGE_FILES.items():
             if controller in self.dirs:
-                opened = self.opened
-                texts.update(opened.read(self.dirs[controller], names) if opened else cg.files(self.fs, self.dirs[controller], names))
+                texts.update(self.opened.read(self.dirs[controller], names))
         if "cpuacct" in self.dirs and _sampled_ns(texts) is None:  # old kernels, or nothing sampled yet
             texts.update(cg.files(self.fs, self.dirs["cpuacct"], ("cpuacct.stat",)))
         return usage_from_files(texts, os.sysconf("SC_CLK_TCK"))
@@ -167,11 +160,11 @@ class V1Leaf(Leaf):
         cg.sigkill_until_empty(self.fs, [s for d in self.distinct_dirs() for s in cg.subtree(self.fs, d)])
 
     def try_remove(self) -> bool:
-        self._close()
+        self.opened.close()
         return cg.try_rmdir(self.fs, self.distinct_dirs())
 
     def remove(self) -> None:
-        self._close()
+        self.opened.close()
         if self.pids():
             self.kill()
         cg.raise_first(cg.each(functools.partial(cg.rmdir_tree, self.fs, d) for d in self.distinct_dirs()))

@@ -103,16 +103,11 @@ class V2Leaf(Leaf):
         self.fs = fs
         self.path = path
         self._sampled_peak: Optional[int] = None
-        self.opened: Optional[cg.OpenFiles] = None
+        self.opened = cg.OpenFiles(fs)
 
     def open_usage_files(self) -> None:
         """Open the usage files now, ahead of the test (see cgroups.OpenFiles)."""
-        self.opened = cg.open_files(self.fs, [os.path.join(self.path, n) for n in USAGE_FILES])
-
-    def _close(self) -> None:
-        if self.opened is not None:
-            self.opened.close()
-            self.opened = None
+        self.opened.open(os.path.join(self.path, n) for n in USAGE_FILES)
 
     def procs_files(self) -> tuple[str, ...]:
         return (os.path.join(self.path, "cgroup.procs"),)
@@ -121,8 +116,7 @@ class V2Leaf(Leaf):
         return cg.pids_in(self.fs, cg.subtree(self.fs, self.path))
 
     def usage(self) -> Usage:
-        opened = self.opened
-        texts = opened.read(self.path, USAGE_FILES) if opened else cg.files(self.fs, self.path, USAGE_FILES)
+        texts = self.opened.read(self.path, USAGE_FILES)
         if texts.get("memory.peak") is None:
             self._sample(cg.parse_int(texts.get("memory.current")))
         return usage_from_files(texts, self._sampled_peak)
@@ -158,11 +152,11 @@ class V2Leaf(Leaf):
                 raise CgroupError(f"cannot write {value!r} to {self.path}/{name}: {e.strerror}") from e
 
     def try_remove(self) -> bool:
-        self._close()
+        self.opened.close()
         return cg.try_rmdir(self.fs, [self.path])
 
     def remove(self) -> None:
-        self._close()
+        self.opened.close()
         if self.pids():
             self.kill()
         cg.rmdir_tree(self.fs, self.path)

@@ -702,7 +702,7 @@ def test_v1_usage_files_are_opened_with_the_leaf_and_read_fresh(v1tree: tuple[Fa
     fs, root, proc = v1tree
     session = cg.detect(str(root), str(proc), mountinfo=str(root / "none"), fs=fs).open_session()
     leaf = session.new_leaf(Limits())
-    assert isinstance(leaf, v1.V1Leaf) and leaf.opened is not None
+    assert isinstance(leaf, v1.V1Leaf)
     opened = [fd for fd in leaf.opened.fds.values() if fd is not None]
     assert len(opened) >= 4
     memory = Path(leaf.dirs["memory"])
@@ -713,7 +713,7 @@ def test_v1_usage_files_are_opened_with_the_leaf_and_read_fresh(v1tree: tuple[Fa
     (memory / "memory.max_usage_in_bytes").write_text("7\n")
     assert leaf.usage().memory_peak == 7
     assert leaf.try_remove() is True
-    assert leaf.opened is None
+    assert leaf.opened.fds == {}
     for fd in opened:
         with pytest.raises(OSError):
             os.fstat(fd)
@@ -728,8 +728,13 @@ def test_open_files_stands_aside_when_files_cannot_be_held(v1tree: tuple[FakeFs,
         raise OSError(errno.EMFILE, "Too many open files")
 
     fs.open_read = out_of_fds  # type: ignore[method-assign]
-    assert cg.open_files(fs, [str(root / "memory" / "cgroup.procs")]) is None
-    missing = cg.OpenFiles(cg.CgroupFs(), [str(root / "memory" / "nothing-here")])
+    held = cg.OpenFiles(fs)
+    held.open([str(root / "memory" / "cgroup.procs")])
+    assert held.fds == {}
+    del fs.open_read  # fds to spare again
+    assert held.read(str(root / "memory"), ["cgroup.procs"]) == {"cgroup.procs": f"1\n{ME}\n"}  # read file by file
+    missing = cg.OpenFiles(cg.CgroupFs())
+    missing.open([str(root / "memory" / "nothing-here")])
     assert missing.read(str(root / "memory"), ["nothing-here"]) == {"nothing-here": None}
     missing.close()
 
