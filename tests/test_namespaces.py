@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import platform
+
 import pytest
 
 from conftest import Runner
@@ -17,9 +19,12 @@ def test_pid_hostname_network_ipc(pytester: pytest.Pytester, run: Runner, join: 
         pytester.makeconftest("import pytest_isolate.linux.nsjoin as nsjoin\nnsjoin.PIDFD_SETNS = False\n")
     if join == "python-init":
         monkeypatch.setenv("PYTEST_ISOLATE_TINYINIT", "0")
+    tiny = platform.machine() == "x86_64" and join != "python-init"  # tinyinit, root and rootless
     pytester.makepyfile(
         """
         import os, signal, socket, subprocess, sys, time, pytest
+
+        TINYINIT = %s
 
         def ppid(pid):
             with open(f"/proc/{pid}/stat") as f:
@@ -35,6 +40,13 @@ def test_pid_hostname_network_ipc(pytester: pytest.Pytester, run: Runner, join: 
             visible = sorted(int(p) for p in os.listdir("/proc") if p.isdigit())
             assert visible == [1, 2, child.pid], visible
             child.kill(); child.wait()
+
+        @pytest.mark.isolated
+        def test_init_is_in_the_sandbox_root():
+            # its cwd and root, readable through /proc/1, would otherwise lead out of the copy-on-write root
+            assert os.path.samefile("/proc/1/root", "/") and os.path.samefile("/proc/1/cwd", "/")
+            with open("/proc/1/comm") as f:
+                assert (f.read().strip() == "pytest_isolate") == TINYINIT  # tinyinit names itself so
 
         @pytest.mark.isolated
         def test_init_adopts_and_reaps_orphans():
@@ -97,10 +109,10 @@ def test_pid_hostname_network_ipc(pytester: pytest.Pytester, run: Runner, join: 
         def test_ipc_namespace_is_empty():
             with open("/proc/sysvipc/shm") as f:
                 assert len(f.read().splitlines()) == 1  # header only
-        """
+        """ % tiny
     )
     result = run("-v")
-    result.assert_outcomes(passed=9)
+    result.assert_outcomes(passed=10)
 
 
 def test_header_names_isolation_in_effect(pytester: pytest.Pytester, run: Runner) -> None:

@@ -37,6 +37,10 @@ MNT_DETACH = 2
 PR_SET_PDEATHSIG = 1
 PR_SET_NAME = 15
 PR_SET_CHILD_SUBREAPER = 36
+PR_CAP_AMBIENT = 47
+PR_CAP_AMBIENT_RAISE = 2
+CAP_SYS_ADMIN = 21
+_CAPABILITY_VERSION_3 = 0x20080522
 
 def _load_libc() -> ctypes.CDLL:
     """The C library the interpreter runs on, found without ctypes.util (which imports subprocess,
@@ -80,6 +84,8 @@ _umount2 = _declare("umount2", [_c_str, ctypes.c_int])
 _unshare = _declare("unshare", [ctypes.c_int])
 _setns = _declare("setns", [ctypes.c_int, ctypes.c_int])
 _prctl = _declare("prctl", [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong])
+_capget = _declare("capget", [ctypes.c_void_p, ctypes.c_void_p])
+_capset = _declare("capset", [ctypes.c_void_p, ctypes.c_void_p])
 _syscall = _libc.syscall
 _syscall.restype = ctypes.c_long
 _SYS_PIVOT_ROOT = 155  # x86_64; see _pivot_root_number()
@@ -118,6 +124,18 @@ def set_name(name: bytes) -> None:
     """prctl(PR_SET_NAME): what ``ps`` and ``/proc/PID/comm`` show for the calling thread (15 bytes)."""
     buf = ctypes.create_string_buffer(name[:15])
     _prctl(PR_SET_NAME, ctypes.addressof(buf), 0, 0, 0)
+
+
+def keep_across_exec(cap: int) -> None:
+    """Make capability ``cap`` (one we have, e.g. in a user namespace we just made) survive our
+    next execve although we are not uid 0 there: add it to the inheritable set, then raise it as
+    an *ambient* capability (capabilities(7)). ``cap`` must be below 32."""
+    header = (ctypes.c_uint32 * 2)(_CAPABILITY_VERSION_3, 0)
+    data = (ctypes.c_uint32 * 6)()  # two {effective, permitted, inheritable}: capabilities 0-31, 32-63
+    _capget(ctypes.addressof(header), ctypes.addressof(data))
+    data[2] |= 1 << cap
+    _capset(ctypes.addressof(header), ctypes.addressof(data))
+    _prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_RAISE, cap, 0, 0)
 
 
 def _pivot_root_number() -> int:

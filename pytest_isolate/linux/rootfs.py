@@ -14,7 +14,7 @@ import os
 
 TYPE_CHECKING = False  # typing costs the factory 1.1 MB of heap: see record.py
 if TYPE_CHECKING:
-    from typing import Sequence
+    from typing import Callable, Optional, Sequence
 
 from . import libc
 from .mounts import Step
@@ -179,11 +179,13 @@ def proc_points(opts: RootOptions) -> tuple[str, ...]:
     return tuple(s.path for s in opts.steps if s.action == "proc")
 
 
-def build_root(opts: RootOptions, mount_proc: bool = True) -> None:
+def build_root(opts: RootOptions, mount_proc: bool = True, before_pivot: Optional[Callable[[], None]] = None) -> None:
     """Replace this mount namespace's root by the copy-on-write view. A ``/proc`` shows the PID
     namespace of the process that mounts it: call as PID 1 of the sandbox, or without
     ``mount_proc`` (mount points made, nothing mounted: :func:`proc_points` says where) from
-    outside it."""
+    outside it. ``before_pivot`` runs when the new root is complete under ``NEW`` and the host's
+    tree is still attached: in a user namespace the kernel mounts a new ``/proc`` only while a
+    fully visible one is in the mount namespace."""
     libc.mount(None, "/", None, libc.MS_REC | libc.MS_SLAVE)
     libc.mount("tmpfs", STAGE, "tmpfs", libc.MS_NOSUID | libc.MS_NODEV, f"mode=755,size={opts.scratch_size}")
     for d in (NEW, OLD, SCRATCH):
@@ -201,6 +203,8 @@ def build_root(opts: RootOptions, mount_proc: bool = True) -> None:
         libc.mount(OLD + path, NEW + path, None, libc.MS_BIND | libc.MS_REC)
     for source, target in opts.binds:
         builder.bind(source, target)
+    if before_pivot is not None:
+        before_pivot()
     os.chdir(NEW)
     libc.pivot_root(".", ".")
     libc.umount2(".", libc.MNT_DETACH)
