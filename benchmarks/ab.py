@@ -1,17 +1,20 @@
 """Compare versions of this project against each other, in alternating rounds, each against pytest-forked.
 
-    python benchmarks/ab.py [--tests 300] [--rounds 10] [--nocg] [--venv DIR] REV [REV ...]
+    python benchmarks/ab.py [--tests 300] [--rounds 10] [--nocg] [--venv DIR] [--user NAME] REV [REV ...]
 
 This machine's speed drifts by a third from one minute to the next, so two versions measured one
 after the other can't be compared. Here every round runs pytest-forked and then each version (a git
 revision, exported with ``git archive`` and put first on ``PYTHONPATH``) on the same generated suite
 of trivial tests, so each version meets the same minute. For each run: the median interval between
 test starts (the steady state, as in ``overhead.py``), that interval divided by pytest-forked's in the
-same round, and the CPU time of the whole process tree (pytest, its test processes, the factory and
-everything it reaped) per test. At the end: medians over the rounds, and for each version after the
+same round, the CPU time of the whole process tree (pytest, its test processes, the factory and
+everything it reaped) per test, and the pytest process's own page faults per test (after a fork
+its first write to each page faults, and copies the page while a test process still shares it).
+At the end: medians over the rounds, and for each version after the
 first the median of its interval divided by the first's *in the same round*, with the number of
 rounds in which it was faster. ``--nocg`` adds each version again with ``--isolate-cgroups=off``.
-Uses the virtualenv of ``overhead.py`` (pytest 8.4, pytest-forked).
+Uses the virtualenv of ``overhead.py`` (pytest 8.4, pytest-forked). ``--user`` (from root) runs
+every pytest as that unprivileged user, rootless; give it a virtualenv that user can read.
 """
 
 from __future__ import annotations
@@ -30,7 +33,9 @@ sys.path.insert(0, HERE)
 
 from overhead import PROJECT, ensure_venv, make_suite, run_once  # noqa: E402
 
-Run = tuple[float, float]  # (median interval between test starts in ms, CPU per test in ms)
+# median interval between test starts (ms), CPU of the process tree per test (ms), and the pytest
+# process's own page faults per test (every first write to a page after a fork is one)
+Run = tuple[float, float, float]
 
 
 def export(rev: str, into: str) -> str:
@@ -42,12 +47,14 @@ def export(rev: str, into: str) -> str:
     return target
 
 
-def run(python: str, suite: str, args: list[str], pythonpath: str, tests: int) -> Run:
+def run(python: str, suite: str, args: list[str], pythonpath: str, tests: int, user: str = "") -> Run:
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    _, interval = run_once(python, suite, ["-p", "no:randomly", *args], {"PYTHONPATH": pythonpath})
+    _, interval = run_once(python, suite, ["-p", "no:randomly", *args], {"PYTHONPATH": pythonpath}, user)
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = (after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime) / tests * 1e3
-    return interval * 1e3, cpu
+    with open(os.path.join(suite, "stamps.txt.self")) as f:
+        faults = int(f.read().split()[0]) / tests
+    return interval * 1e3, cpu, faults
 
 
 def main() -> int:
@@ -57,6 +64,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--nocg", action="store_true", help="also run each version with --isolate-cgroups=off")
     parser.add_argument("--venv", default=os.path.join(PROJECT, ".bench-venv"))
+    parser.add_argument("--user", default="", help="run pytest as this user (rootless; needs root)")
     opts = parser.parse_args()
     python = ensure_venv(opts.venv)
     work = tempfile.mkdtemp(prefix="isolate-ab-")
@@ -64,6 +72,9 @@ def main() -> int:
         suite = os.path.join(work, "suite")
         os.mkdir(suite)
         make_suite(suite, opts.tests)
+        if opts.user:  # the exported code readable, the suite (stamps) writable by that user
+            os.chmod(work, 0o755)
+            shutil.chown(suite, opts.user)
         variants: dict[str, tuple[str, list[str]]] = {}
         for rev in opts.revs:
             path = export(rev, work)
@@ -72,23 +83,23 @@ def main() -> int:
                 variants[f"{rev} nocg"] = (path, ["--isolate", "--isolate-cgroups=off"])
         results: dict[str, list[Run]] = {name: [] for name in ["forked", *variants]}
         for r in range(opts.rounds):
-            forked = run(python, suite, ["-p", "no:isolate", "--forked"], "", opts.tests)
+            forked = run(python, suite, ["-p", "no:isolate", "--forked"], "", opts.tests, opts.user)
             results["forked"].append(forked)
             line = [f"forked {forked[0]:.2f}"]
             for name, (path, args) in variants.items():
-                got = run(python, suite, args, path, opts.tests)
+                got = run(python, suite, args, path, opts.tests, opts.user)
                 results[name].append(got)
-                line.append(f"{name} {got[0]:.2f} ({got[0] / forked[0]:.3f}, cpu {got[1]:.1f})")
+                line.append(f"{name} {got[0]:.2f} ({got[0] / forked[0]:.3f}, cpu {got[1]:.1f}, faults {got[2]:.0f})")
             print(f"round {r + 1}: " + "  ".join(line), flush=True)
         print(f"\n{opts.tests} tests, {opts.rounds} rounds, medians: interval ms (ratio to pytest-forked's "
-              "in the same round), CPU ms per test")
+              "in the same round), CPU ms per test, the pytest process's page faults per test")
         forked_runs = results.pop("forked")
-        print(f"{'pytest-forked':<24}{statistics.median(i for i, _ in forked_runs):7.2f} (1.000)  "
-              f"{statistics.median(c for _, c in forked_runs):5.1f}")
+        print(f"{'pytest-forked':<24}{statistics.median(r[0] for r in forked_runs):7.2f} (1.000)  "
+              f"{statistics.median(r[1] for r in forked_runs):5.1f}  {statistics.median(r[2] for r in forked_runs):5.0f}")
         for name, runs in results.items():
-            ratio = statistics.median(i / f[0] for (i, _), f in zip(runs, forked_runs))
-            print(f"{name:<24}{statistics.median(i for i, _ in runs):7.2f} ({ratio:.3f})  "
-                  f"{statistics.median(c for _, c in runs):5.1f}")
+            ratio = statistics.median(r[0] / f[0] for r, f in zip(runs, forked_runs))
+            print(f"{name:<24}{statistics.median(r[0] for r in runs):7.2f} ({ratio:.3f})  "
+                  f"{statistics.median(r[1] for r in runs):5.1f}  {statistics.median(r[2] for r in runs):5.0f}")
         first, *others = results
         for name in others:
             paired = [a[0] / b[0] for a, b in zip(results[name], results[first])]

@@ -42,6 +42,10 @@ def pytest_sessionfinish(session):
         return
     with open(os.environ["BENCH_STAMPS"], "w") as f:
         f.write("\\n".join(map(repr, _STARTS)))
+    import resource  # the pytest process's own page faults and CPU, for ab.py
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    with open(os.environ["BENCH_STAMPS"] + ".self", "w") as f:
+        f.write(f"{own.ru_minflt} {own.ru_utime + own.ru_stime!r} {len(_STARTS)}")
 """
 
 
@@ -68,10 +72,13 @@ def ensure_venv(venv: str) -> str:
     return python
 
 
-def run_once(python: str, directory: str, args: list[str], env: dict[str, str] | None = None) -> tuple[float, float]:
+def run_once(python: str, directory: str, args: list[str], env: dict[str, str] | None = None,
+             user: str = "") -> tuple[float, float]:
     """Wall time of the whole run, and the median interval between test starts (the steady state);
-    ``env``: variables to add (e.g. PYTHONPATH, see ab.py)."""
-    cmd = [python, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist", *args]
+    ``env``: variables to add (e.g. PYTHONPATH, see ab.py); ``user``: run pytest as that user
+    (``runuser``, from root), rootless."""
+    runas = ["runuser", "-u", user, "--"] if user else []
+    cmd = [*runas, python, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist", *args]
     stamps = os.path.join(directory, "stamps.txt")
     start = time.perf_counter()
     proc = subprocess.run(cmd, cwd=directory, capture_output=True, text=True, check=False,
