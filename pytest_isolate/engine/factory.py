@@ -12,11 +12,14 @@ brings ``lo`` up, gives the init the go to mount ``/proc``, and returns to its o
 them opened at its start). The init reaps orphans and forwards SIGTERM/SIGINT/SIGHUP to PID 2 until it
 is killed. Killing the init ends the PID namespace and every process in it; the factory reaps it.
 
-Otherwise (a user namespace, the Sandbox API's control socket, no tinyinit for this machine) the
-factory forks a Python init, which unshares the other namespaces, builds the root, reports ready,
-then reaps and forwards the same way. With a user namespace (rootless) the factory cannot point its
-own children into a new PID namespace, so a **holder** child unshares every namespace (and writes
-the id maps) and forks the init.
+With a user namespace (rootless) the factory can neither point its own children into a new PID
+namespace nor come back from the user namespace, so a **holder** child unshares every namespace
+(and writes the id maps), then spawns tinyinit and builds the root around it the same way (see
+``_build_around_tinyinit`` for what the user namespace changes), and waits for it.
+
+Otherwise (the Sandbox API's control socket, no tinyinit for this machine) the factory — rootless:
+the holder — forks a Python init, which unshares the other namespaces, builds the root, reports
+ready, then reaps and forwards the same way.
 
 Each fork copies the factory's page tables and each sandbox's Python touches (copies) some of its
 pages, so the factory imports little (no subprocess, ctypes.util, dataclasses or typing) and
