@@ -178,7 +178,7 @@ def _holder(bp: Blueprint, ready: int, control: Optional[socket.socket], join: t
         _step(ready, "write uid_map/gid_map", lambda: write_identity_maps(bp.uid, bp.gid))
     else:
         _step(ready, "unshare", lambda: libc.unshare(_flags(bp)))
-    if tiny is not None and control is None and _proc_last(bp.root):
+    if tiny is not None and control is None and _proc_last(bp.root) and _ambient_sys_admin():
         _build_around_tinyinit(bp, ready, tiny)
     init = os.fork()
     if init == 0:
@@ -188,6 +188,16 @@ def _holder(bp: Blueprint, ready: int, control: Optional[socket.socket], join: t
         control.close()
     os.waitpid(init, 0)
     os._exit(0)
+
+
+def _ambient_sys_admin() -> bool:
+    """Whether CAP_SYS_ADMIN now crosses our next exec (ambient capabilities: Linux 4.3 and later);
+    if not, the holder forks a Python init, which needs no exec."""
+    try:
+        libc.keep_across_exec(libc.CAP_SYS_ADMIN)
+    except OSError:
+        return False
+    return True
 
 
 def _build_around_tinyinit(bp: Blueprint, ready: int, tiny: str) -> NoReturn:
@@ -201,7 +211,6 @@ def _build_around_tinyinit(bp: Blueprint, ready: int, tiny: str) -> NoReturn:
     the mount namespace (``mnt_too_revealing``): the go comes while the host's tree is still
     attached, before the last ``pivot_root``, with the mount points under the new root's
     staging path. Then we wait for the init: the factory reaps us when it is gone."""
-    _step(ready, "start the init", lambda: libc.keep_across_exec(libc.CAP_SYS_ADMIN))
     go_read, go = os.pipe()
     up_read, up = os.pipe()
     points = tuple(NEW + p for p in proc_points(bp.root))
