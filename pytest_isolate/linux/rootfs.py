@@ -50,6 +50,16 @@ def _escape(path: str) -> str:
     return path.replace("\\", "\\\\").replace(",", "\\,").replace(":", "\\:")
 
 
+def _mountpoint(path: str) -> None:
+    """Make sure directory ``path`` exists; its parent nearly always does (steps go top down)."""
+    try:
+        os.mkdir(path)
+    except FileExistsError:
+        pass
+    except FileNotFoundError:
+        os.makedirs(path, exist_ok=True)
+
+
 def _copy_mode(src: str, dst: str) -> None:
     st = os.stat(src)
     os.chmod(dst, st.st_mode & 0o7777)
@@ -75,10 +85,14 @@ class _Builder:
         return SCRATCH
 
     def upper_and_work(self, scratch: str) -> tuple[str, str]:
-        """Fresh upper and work directories of the next overlay, under ``scratch``."""
+        """Fresh upper and work directories of the next overlay, side by side under ``scratch``:
+        two mkdirs, as this runs once per overlay (some 45 times per rootless sandbox here)."""
         self.layers += 1
-        upper, work = f"{scratch}/{self.layers}/upper", f"{scratch}/{self.layers}/work"
-        os.makedirs(upper)
+        upper, work = f"{scratch}/{self.layers}.upper", f"{scratch}/{self.layers}.work"
+        try:
+            os.mkdir(upper)
+        except FileNotFoundError:  # a base on disk made for this sandbox
+            os.makedirs(upper)
         os.mkdir(work)
         return upper, work
 
@@ -86,7 +100,7 @@ class _Builder:
         lower, target = OLD + path, NEW + path
         upper, work = self.upper_and_work(self.scratch_for(path))
         _copy_mode(lower, upper)
-        os.makedirs(target, exist_ok=True)
+        _mountpoint(target)
         data = f"lowerdir={_escape(lower)},upperdir={_escape(upper)},workdir={_escape(work)}"
         if self.opts.userxattr:
             data += ",userxattr"
