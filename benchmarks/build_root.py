@@ -22,7 +22,10 @@ import subprocess
 import sys
 import tempfile
 
-PROJECT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+from ab import PROJECT, export  # noqa: E402
 
 CHILD = r"""
 import os, statistics, sys, time
@@ -55,14 +58,6 @@ for _ in range(int(sys.argv[2])):
 overlays = sum(1 for s in opts.steps if s.action == "overlay")
 print(statistics.median(times) * 1e3, overlays)
 """
-
-
-def export(rev: str, into: str) -> str:
-    target = os.path.join(into, rev.replace("/", "_"))
-    os.makedirs(target)
-    archive = subprocess.run(["git", "-C", PROJECT, "archive", rev, "pytest_isolate"], capture_output=True, check=True)
-    subprocess.run(["tar", "-x", "-C", target], input=archive.stdout, check=True)
-    return target
 
 
 def run(python: str, source: str, builds: int, scratch: str, user: str) -> tuple[float, int]:
