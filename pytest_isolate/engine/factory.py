@@ -127,9 +127,22 @@ def _step(fd: int, name: str, func: Any) -> Any:
 
 def _flags(bp: Blueprint) -> int:
     flags = libc.CLONE_NEWNS | libc.CLONE_NEWUTS | libc.CLONE_NEWIPC | libc.CLONE_NEWPID | libc.CLONE_NEWCGROUP
-    if bp.net == "none" or bp.network:
+    if _own_network(bp):
         flags |= libc.CLONE_NEWNET
     return flags
+
+
+def _own_network(bp: Blueprint) -> bool:
+    """Whether the sandbox gets a network namespace (with ``lo`` to bring up): not with net="host"."""
+    return bp.net == "none" or bool(bp.network)
+
+
+def _name_and_loopback(bp: Blueprint, run: Any) -> None:
+    """The last steps of every build, whoever builds: the hostname, and ``lo`` up in the sandbox's
+    own network namespace. ``run(step, func)`` runs each (``_here`` in the factory, else ``_step``)."""
+    run("sethostname", lambda: socket.sethostname(bp.hostname))
+    if _own_network(bp):
+        run("bring up lo", loopback_up)
 
 
 def _join_user(pid: int) -> None:
@@ -221,18 +234,12 @@ def _build_around_tinyinit(bp: Blueprint, ready: int, tiny: str) -> NoReturn:
     def mount_proc() -> None:
         os.write(go, b"g")
         if os.read(up_read, 1) != b"k":
-            status = os.waitpid(init, 0)[1]
-            exited = os.WIFEXITED(status)
-            code = os.WEXITSTATUS(status) if exited else os.WTERMSIG(status)
-            errno = code if exited and code != tinyinit.NOT_STARTED else None
-            raise SetupFailure("init", errno, tinyinit.failure(exited, code))
+            raise SetupFailure("init", None, _why(init))  # as the factory reports it as root
 
     _step(ready, "build root", lambda: build_root(bp.root, mount_proc=False, before_pivot=mount_proc))
     os.close(go)
     os.close(up_read)
-    _step(ready, "sethostname", lambda: socket.sethostname(bp.hostname))
-    if bp.net == "none" or bp.network:
-        _step(ready, "bring up lo", loopback_up)
+    _name_and_loopback(bp, lambda name, func: _step(ready, name, func))
     _report(ready, ok=True)
     os.close(ready)
     os.waitpid(init, 0)
@@ -271,9 +278,7 @@ def _fork_init(bp: Blueprint, ready: int, control: Optional[socket.socket], home
 def _init(bp: Blueprint, ready: int, control: Optional[socket.socket]) -> NoReturn:
     libc.prctl(libc.PR_SET_PDEATHSIG, signal.SIGKILL)
     _step(ready, "build root", lambda: build_root(bp.root))
-    _step(ready, "sethostname", lambda: socket.sethostname(bp.hostname))
-    if bp.net == "none" or bp.network:
-        _step(ready, "bring up lo", loopback_up)
+    _name_and_loopback(bp, lambda name, func: _step(ready, name, func))
     for sig in FORWARDED:
         signal.signal(sig, lambda signum, _frame: _forward(signum))
     if control is not None:
@@ -367,9 +372,7 @@ class _Workshop:
                 os.close(go_read)
             try:
                 _here("build root", lambda: build_root(bp.root, mount_proc=False))
-                _here("sethostname", lambda: socket.sethostname(bp.hostname))
-                if bp.net == "none" or bp.network:
-                    _here("bring up lo", loopback_up)
+                _name_and_loopback(bp, _here)
             except SetupFailure:
                 _kill(init)
                 self.dying[init] = bp.root.upper_bases
@@ -497,7 +500,8 @@ class _Workshop:
 
 
 def _why(init: int) -> str:
-    """Why a tinyinit exited before it was ready (left unreaped: reap() does that)."""
+    """Why a tinyinit exited before it was ready (left unreaped: reap() does that, or, for a
+    holder's tinyinit, whoever inherits it when the holder exits)."""
     info = os.waitid(os.P_PID, init, os.WEXITED | os.WNOWAIT)
     assert info is not None
     return tinyinit.failure(info.si_code == os.CLD_EXITED, info.si_status)
