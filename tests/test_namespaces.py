@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import platform
 
 import pytest
@@ -19,7 +20,8 @@ def test_pid_hostname_network_ipc(pytester: pytest.Pytester, run: Runner, join: 
         pytester.makeconftest("import pytest_isolate.linux.nsjoin as nsjoin\nnsjoin.PIDFD_SETNS = False\n")
     if join == "python-init":
         monkeypatch.setenv("PYTEST_ISOLATE_TINYINIT", "0")
-    tiny = platform.machine() == "x86_64" and join != "python-init"  # tinyinit, root and rootless
+    # tinyinit, root and rootless, unless this parameter (or the whole run) asks for the Python init
+    tiny = platform.machine() == "x86_64" and join != "python-init" and os.environ.get("PYTEST_ISOLATE_TINYINIT") != "0"
     pytester.makepyfile(
         """
         import os, signal, socket, subprocess, sys, time, pytest
