@@ -2,7 +2,8 @@
 
 Each feature is tried for real in a forked child (a namespace cannot be tested without entering it),
 the way the sandbox itself will use it: rootless, every namespace is created together with a user
-namespace. A failed probe keeps its errno and message; the engine's ``explain`` turns it into a fix.
+namespace. One child tries them all where the host allows every namespace (a fork costs the
+start-up of every run some milliseconds); a child per feature only where it does not. A failed probe keeps its errno and message; the engine's ``explain`` turns it into a fix.
 """
 
 from __future__ import annotations
@@ -55,29 +56,42 @@ class Capabilities:
         return tuple(f for f in self.features if f.required and not f.ok)
 
 
-def _in_child(func: Callable[[], str]) -> tuple[bool, str, Optional[int]]:
-    """Run ``func`` in a forked child; (ok, detail or error message, errno)."""
+Result = tuple[bool, str, Optional[int]]  # ok, detail or error message, errno
+
+
+def _attempt(func: Callable[[], str]) -> Result:
+    """Call ``func`` (which may raise anything) and say how it went."""
+    try:
+        return True, func(), None
+    except OSError as exc:
+        return False, str(exc), exc.errno
+    except BaseException as exc:
+        return False, f"{type(exc).__name__}: {exc}", None
+
+
+def _in_child_each(func: Callable[[], dict[str, Result]]) -> dict[str, Result]:
+    """Run ``func`` in a forked child: the results it returned by name (none if it died)."""
     read, write = os.pipe()
     pid = os.fork()
     if pid == 0:
         os.close(read)
         try:
-            result = {"ok": True, "detail": func()}
-        except OSError as exc:
-            result = {"ok": False, "detail": str(exc), "errno": exc.errno}
-        except BaseException as exc:
-            result = {"ok": False, "detail": f"{type(exc).__name__}: {exc}"}
-        os.write(write, json.dumps(result).encode())
-        os._exit(0)
+            os.write(write, json.dumps(func()).encode())
+        finally:
+            os._exit(0)
     os.close(write)
     with os.fdopen(read, "rb") as f:
         data = f.read()
     os.waitpid(pid, 0)
     try:
-        result = json.loads(data)
+        return {name: (bool(ok), str(detail), errno) for name, (ok, detail, errno) in json.loads(data).items()}
     except ValueError:
-        return False, "the probe process died", None
-    return bool(result["ok"]), str(result.get("detail", "")), result.get("errno")
+        return {}
+
+
+def _in_child(func: Callable[[], str]) -> Result:
+    """Run ``func`` in a forked child and say how it went."""
+    return _in_child_each(lambda: {"": _attempt(func)}).get("", (False, "the probe process died", None))
 
 
 def _enter(flags: int, userns: bool) -> None:
@@ -99,16 +113,18 @@ def _fork_and(func: Callable[[], None]) -> None:
         raise OSError(err or 0, detail)
 
 
-def _proc_probe(userns: bool) -> str:
-    _enter(libc.CLONE_NEWNS | libc.CLONE_NEWPID, userns)
+def _private_root() -> None:
     libc.mount(None, "/", None, libc.MS_REC | libc.MS_PRIVATE)
+
+
+def _proc_step() -> str:
+    _private_root()
     _fork_and(lambda: libc.mount("proc", "/proc", "proc", libc.MS_NOSUID | libc.MS_NODEV | libc.MS_NOEXEC))
     return "a fresh /proc can be mounted"
 
 
-def _overlay_probe(userns: bool, lower: str) -> str:
-    _enter(libc.CLONE_NEWNS, userns)
-    libc.mount(None, "/", None, libc.MS_REC | libc.MS_PRIVATE)
+def _overlay_step(userns: bool, lower: str) -> str:
+    _private_root()
     base = "/tmp"  # a tmpfs over /tmp in this private mount namespace: nothing touches the host
     libc.mount("tmpfs", base, "tmpfs", 0, "size=1M")
     for d in ("upper", "work", "merged"):
@@ -118,13 +134,38 @@ def _overlay_probe(userns: bool, lower: str) -> str:
     return f"overlay over {lower} with its upper on tmpfs"
 
 
-def _tmpfs_xattr_probe(userns: bool) -> str:
-    _enter(libc.CLONE_NEWNS, userns)
-    libc.mount(None, "/", None, libc.MS_REC | libc.MS_PRIVATE)
+def _tmpfs_xattr_step(userns: bool) -> str:
+    _private_root()
     base = "/tmp"
     libc.mount("tmpfs", base, "tmpfs", 0, "size=1M")
     os.setxattr(base, "user.pytest-isolate" if userns else "trusted.pytest-isolate", b"1")
     return "tmpfs holds the overlay xattrs: upper layers live in memory"
+
+
+def _loopback_step() -> str:
+    loopback_up()
+    return "lo is up"
+
+
+def _hostname_step() -> str:
+    socket.sethostname("probe")
+    return "settable"
+
+
+def _steps(userns: bool, lower: str) -> tuple[tuple[str, int, Callable[[], str], bool], ...]:
+    """Each feature tried inside namespaces: its name, the namespaces it needs, the try, required."""
+    return (
+        ("loopback network", libc.CLONE_NEWNET, _loopback_step, True),
+        ("hostname", libc.CLONE_NEWUTS, _hostname_step, True),
+        ("fresh /proc", libc.CLONE_NEWNS | libc.CLONE_NEWPID, _proc_step, True),
+        ("overlay mount", libc.CLONE_NEWNS, functools.partial(_overlay_step, userns, lower), True),
+        ("tmpfs upper layer", libc.CLONE_NEWNS, functools.partial(_tmpfs_xattr_step, userns), False),
+    )
+
+
+def _in_own_namespaces(flags: int, userns: bool, step: Callable[[], str]) -> str:
+    _enter(flags, userns)
+    return step()
 
 
 def _named(name: str, func: Callable[[], str], required: bool = True) -> Feature:
@@ -143,37 +184,53 @@ NAMESPACES = (
 )
 
 
-def _namespace_features(userns: bool) -> list[Feature]:
-    """All namespaces in one unshare() (the common case: one fork); one by one only if that fails."""
+def _every_namespace() -> int:
     every = 0
     for _, flag in NAMESPACES:
         every |= flag
-    ok, _, _ = _in_child(lambda: _unshare_probe(every & ~libc.CLONE_NEWUSER, userns))
+    return every & ~libc.CLONE_NEWUSER
+
+
+def _namespace_features(userns: bool) -> list[Feature]:
+    """Each namespace on its own (after unshare() of them all at once failed)."""
     features = []
     for name, flag in NAMESPACES:
         required = flag != libc.CLONE_NEWUSER or userns
-        if ok:
-            features.append(Feature(name, True, "unshare() works", None, required))
-        else:
-            features.append(_named(name, functools.partial(_unshare_probe, flag & ~libc.CLONE_NEWUSER, userns or flag == libc.CLONE_NEWUSER), required))
+        features.append(_named(name, functools.partial(_unshare_probe, flag & ~libc.CLONE_NEWUSER, userns or flag == libc.CLONE_NEWUSER), required))
+    return features
+
+
+def _all_in_one_child(userns: bool, lower: str) -> list[Feature]:
+    """The common case, a host that allows everything: every namespace in one unshare() and every
+    feature tried in that child (one fork, and one for /proc's new PID namespace, instead of
+    seven). Empty when the unshare() fails: then each is tried on its own, for its own error."""
+    steps = _steps(userns, lower)
+
+    def run() -> dict[str, Result]:
+        _enter(_every_namespace(), userns)
+        return {name: _attempt(step) for name, _, step, _ in steps}
+
+    results = _in_child_each(run)
+    if any(name not in results for name, _, _, _ in steps):
+        return []
+    features = [Feature(name, True, "unshare() works", None, flag != libc.CLONE_NEWUSER or userns) for name, flag in NAMESPACES]
+    for name, _, _, required in steps:
+        ok, detail, err = results[name]
+        features.append(Feature(name, ok, detail, err, required))
+    return features
+
+
+def _one_by_one(userns: bool, lower: str) -> list[Feature]:
+    """Each namespace and each feature in a child of its own: what fails is told apart."""
+    features = _namespace_features(userns)
+    for name, flags, step, required in _steps(userns, lower):
+        features.append(_named(name, functools.partial(_in_own_namespaces, flags, userns, step), required))
     return features
 
 
 def _unshare_probe(flags: int, userns: bool) -> str:
     _enter(flags, userns)
     return "unshare() works"
-
-
-def _loopback_probe(userns: bool) -> str:
-    _enter(libc.CLONE_NEWNET, userns)
-    loopback_up()
-    return "lo is up"
-
-
-def _hostname_probe(userns: bool) -> str:
-    _enter(libc.CLONE_NEWUTS, userns)
-    socket.sethostname("probe")
-    return "settable"
 
 
 def _cgroup_feature(driver: Optional[Driver]) -> Feature:
@@ -248,19 +305,15 @@ def _systemd_user_feature() -> Optional[Feature]:
                    required=False)
 
 
-def probe(lower: str = "/usr", cgroups: Optional[Driver] = None) -> Capabilities:
-    """Try every feature the sandbox needs, each in its own child process (a few ms in all).
+def probe(lower: str = "/usr", cgroups: Optional[Driver] = None, one_by_one: bool = False) -> Capabilities:
+    """Try every feature the sandbox needs, in one child process where the host allows all of them.
 
     ``cgroups``: the session's driver, so that its (cached, possibly process-moving) availability
-    check is done once; detected afresh when not given.
+    check is done once; detected afresh when not given. ``one_by_one``: a child per feature even
+    where one would do (what the result must not depend on).
     """
     userns = os.getuid() != 0
-    features = _namespace_features(userns)
-    features.append(_named("loopback network", lambda: _loopback_probe(userns)))
-    features.append(_named("hostname", lambda: _hostname_probe(userns)))
-    features.append(_named("fresh /proc", lambda: _proc_probe(userns)))
-    features.append(_named("overlay mount", lambda: _overlay_probe(userns, lower)))
-    features.append(_named("tmpfs upper layer", lambda: _tmpfs_xattr_probe(userns), required=False))
+    features = ([] if one_by_one else _all_in_one_child(userns, lower)) or _one_by_one(userns, lower)
     fuse = shutil.which("fuse-overlayfs")
     features.append(Feature("fuse-overlayfs", bool(fuse), fuse or "not installed", None, required=False))
     features.append(_cgroup_version_feature(cgroups))
