@@ -31,19 +31,22 @@ import tempfile
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from overhead import PROJECT, ensure_venv, make_suite, run_once  # noqa: E402
+from overhead import PROJECT, ensure_venv, make_suite, precompile, run_once  # noqa: E402
 
 # median interval between test starts (ms), CPU of the process tree per test (ms), and the pytest
 # process's own page faults per test (every first write to a page after a fork is one)
 Run = tuple[float, float, float]
 
 
-def export(rev: str, into: str) -> str:
-    """The package as of ``rev``, in a directory of its own (to put on PYTHONPATH)."""
+def export(rev: str, into: str, python: str = "") -> str:
+    """The package as of ``rev``, in a directory of its own (to put on PYTHONPATH), byte-compiled
+    by ``python`` when given (see overhead.precompile)."""
     target = os.path.join(into, rev.replace("/", "_"))
     os.makedirs(target)
     archive = subprocess.run(["git", "-C", PROJECT, "archive", rev, "pytest_isolate"], capture_output=True, check=True)
     subprocess.run(["tar", "-x", "-C", target], input=archive.stdout, check=True)
+    if python:
+        precompile(python, target)
     return target
 
 
@@ -77,7 +80,7 @@ def main() -> int:
             shutil.chown(suite, opts.user)
         variants: dict[str, tuple[str, list[str]]] = {}
         for rev in opts.revs:
-            path = export(rev, work)
+            path = export(rev, work, python)
             variants[rev] = (path, ["--isolate"])
             if opts.nocg:
                 variants[f"{rev} nocg"] = (path, ["--isolate", "--isolate-cgroups=off"])

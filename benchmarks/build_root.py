@@ -87,7 +87,7 @@ def main() -> int:
         os.mkdir(scratch)
         if opts.user:
             shutil.chown(scratch, opts.user)
-        sources = {rev: export(rev, work) for rev in opts.revs} or {"working tree": PROJECT}
+        sources = {rev: export(rev, work, python) for rev in opts.revs} or {"working tree": PROJECT}
         results: dict[str, list[float]] = {name: [] for name in sources}
         overlays = 0
         for _ in range(opts.pairs):

@@ -28,7 +28,7 @@ import tempfile
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from overhead import PROJECT, ensure_venv, make_suite  # noqa: E402
+from overhead import PROJECT, ensure_venv, make_suite, precompile  # noqa: E402
 
 MODES = {"isolated": ["--isolate"], "forked": ["-p", "no:isolate", "--forked"]}
 INIT_FRAMES = ("copy_net_ns", "path_mount", "do_mount", "pivot_root", "copy_mnt_ns", "__x64_sys_unshare")
@@ -125,6 +125,7 @@ def main() -> int:
     if os.getuid() != 0 or not shutil.which("perf"):
         raise SystemExit("needs root and perf (Debian: apt-get install linux-perf)")
     python = ensure_venv(args.venv)
+    precompile(python, PROJECT)
     with tempfile.TemporaryDirectory(prefix="isolate-cpu-") as directory:
         make_suite(directory, args.tests)
         if args.user:

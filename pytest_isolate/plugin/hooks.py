@@ -131,6 +131,27 @@ def header_line(caps: Capabilities, driver: Driver) -> str:
     return f"isolate: {who}; namespaces {'+'.join(names)}; overlay root (upper layers on {upper}); {limits}"
 
 
+def _runs_tests_here(config: pytest.Config) -> bool:
+    """Whether this process runs the session's tests: not under --collect-only, and not the
+    controller of pytest-xdist, whose workers run them (each with its own factory)."""
+    if config.option.collectonly:
+        return False
+    return hasattr(config, "workerinput") or getattr(config.option, "dist", "no") == "no"
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """With --isolate every test needs the factory: start its process now, so that its interpreter
+    starts while pytest collects rather than while the first test waits for its sandbox."""
+    config = session.config
+    state = _state(config)
+    if config.getoption("isolate") and _runs_tests_here(config) and state.caps.full:
+        try:
+            state.launcher.start()
+        except Exception:  # noqa: BLE001 - started again on first use, where the error reaches a test
+            pass
+
+
 def pytest_report_header(config: pytest.Config) -> str:
     state = _state(config)
     return header_line(state.caps, state.driver)

@@ -1,0 +1,63 @@
+"""When the factory's process starts: with --isolate at session start (its interpreter starts while
+pytest collects), otherwise on the first isolated test; never for a run that isolates nothing."""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import Runner
+
+# Reports, at the end of collection and at each test's start, whether the pytest process has a
+# factory child (the factory's command line names its module).
+RECORD_FACTORY = """
+import psutil
+
+def _factory_running():
+    return any("pytest_isolate.engine.factory" in " ".join(c.cmdline()) for c in psutil.Process().children())
+
+def pytest_collection_finish(session):
+    print(f"\\nFACTORY-AT-COLLECTION={_factory_running()}")
+"""
+
+
+@pytest.mark.parametrize(("args", "started"), [
+    (("--isolate",), "True"),
+    (("--isolate", "--collect-only"), "False"),
+    ((), "False"),  # markers only: started by the first isolated test, not before
+])
+def test_factory_starts_at_session_start_only_with_isolate(pytester: pytest.Pytester, run: Runner,
+                                                            args: tuple[str, ...], started: str) -> None:
+    pytester.makeconftest(RECORD_FACTORY)
+    pytester.makepyfile("""
+        import pytest
+
+        @pytest.mark.isolated
+        def test_marked():
+            pass
+
+        def test_plain():
+            pass
+    """)
+    result = run("-s", *args)
+    result.stdout.fnmatch_lines([f"FACTORY-AT-COLLECTION={started}"])
+    assert result.ret == 0
+
+
+def test_xdist_controller_starts_no_factory(pytester: pytest.Pytester, run: Runner) -> None:
+    """Under pytest-xdist the workers run the tests, each with its factory; the controller none."""
+    pytest.importorskip("xdist")
+    pytester.makeconftest(RECORD_FACTORY + """
+def pytest_sessionfinish(session):
+    if not hasattr(session.config, "workerinput"):
+        print(f"\\nCONTROLLER-FACTORY={_factory_running()}")
+""")
+    pytester.makepyfile("""
+        def test_one():
+            pass
+
+        def test_two():
+            pass
+    """)
+    result = run("-s", "-n", "2", "--isolate")
+    result.stdout.fnmatch_lines(["CONTROLLER-FACTORY=False"])
+    assert result.ret == 0
