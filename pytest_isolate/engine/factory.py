@@ -41,7 +41,8 @@ from ..linux.mounts import Step
 from ..linux.net import loopback_up
 from ..linux.nsjoin import Namespaces
 from ..linux.record import asdict, record
-from ..linux.rootfs import NEW, RootOptions, build_root, proc_points
+from ..linux.rootfs import NEW, OLD, RootOptions, build_root, enter_root, proc_points
+from ..linux.template import Template
 from ..linux.userns import unshare_with_full_map, write_identity_maps
 from .execd import serve_control  # imported now: after pivot_root (e.g. into an image) nothing can be
 
@@ -224,6 +225,31 @@ def _build_around_tinyinit(bp: Blueprint, ready: int, tiny: str) -> NoReturn:
     the mount namespace (``mnt_too_revealing``): the go comes while the host's tree is still
     attached, before the last ``pivot_root``, with the mount points under the new root's
     staging path. Then we wait for the init: the factory reaps us when it is gone."""
+    _around_tinyinit(bp, ready, tiny, lambda mount_proc: build_root(bp.root, mount_proc=False, before_pivot=mount_proc))
+
+
+def _holder_from_template(bp: Blueprint, ready: int, template: Template, join: tuple[str, ...], tiny: str) -> NoReturn:
+    """A holder whose root is a copy of ``template`` (see linux/template.py): join the template's
+    user and mount namespaces, unshare the rest and a copy of that mount namespace, start
+    tinyinit, let it mount ``/proc`` (the host's is still attached under ``OLD``, and so is the
+    memfd that tinyinit executes), and pivot into the root: no overlay to mount."""
+    libc.prctl(libc.PR_SET_PDEATHSIG, signal.SIGKILL)
+    _join_cgroup(ready, join)
+    _step(ready, "join the template's namespaces", template.join)
+    _step(ready, "unshare", lambda: libc.unshare(_flags(bp)))
+    _step(ready, "keep CAP_SYS_ADMIN across exec", lambda: libc.keep_across_exec(libc.CAP_SYS_ADMIN))
+
+    def pivot(mount_proc: Any) -> None:
+        mount_proc()
+        enter_root()
+
+    _around_tinyinit(bp, ready, OLD + tiny, pivot)
+
+
+def _around_tinyinit(bp: Blueprint, ready: int, tiny: str, build: Any) -> NoReturn:
+    """Start tinyinit (path ``tiny``), then ``build(mount_proc)`` the root, calling ``mount_proc``
+    (tinyinit's go, and its answer) while the host's ``/proc`` is still in the mount namespace;
+    name the sandbox, bring ``lo`` up, report ready and wait for the init."""
     go_read, go = os.pipe()
     up_read, up = os.pipe()
     points = tuple(NEW + p for p in proc_points(bp.root))
@@ -236,7 +262,7 @@ def _build_around_tinyinit(bp: Blueprint, ready: int, tiny: str) -> NoReturn:
         if os.read(up_read, 1) != b"k":
             raise SetupFailure("init", None, _why(init))  # as the factory reports it as root
 
-    _step(ready, "build root", lambda: build_root(bp.root, mount_proc=False, before_pivot=mount_proc))
+    _step(ready, "build root", lambda: build(mount_proc))
     os.close(go)
     os.close(up_read)
     _name_and_loopback(bp, lambda name, func: _step(ready, name, func))
@@ -244,6 +270,18 @@ def _build_around_tinyinit(bp: Blueprint, ready: int, tiny: str) -> NoReturn:
     os.close(ready)
     os.waitpid(init, 0)
     os._exit(0)
+
+
+def _template_builder(bp: Blueprint, ready: int) -> NoReturn:
+    """Build a template root (see linux/template.py) in a fresh user and mount namespace, report
+    the directories to watch, and wait to be killed (the factory first opens what it keeps)."""
+    libc.prctl(libc.PR_SET_PDEATHSIG, signal.SIGKILL)
+    _step(ready, "unshare", lambda: libc.unshare(libc.CLONE_NEWUSER | libc.CLONE_NEWNS))
+    _step(ready, "write uid_map/gid_map", lambda: write_identity_maps(bp.uid, bp.gid))
+    watched = _step(ready, "build root", lambda: build_root(bp.root, mount_proc=False, pivot=False))
+    _report(ready, ok=True, watched=list(watched))
+    while True:
+        signal.pause()
 
 
 def _close_all(fds: tuple[int, ...]) -> None:
@@ -351,10 +389,85 @@ class _Workshop:
         self.home = Namespaces(os.getpid(), HOME, pidfd=False)
         self.root = os.open("/", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         self.tiny = tinyinit.executable() if parent else None
+        # Rootless: template roots (see linux/template.py), free ones by blueprint (user and
+        # root), and the one each holder uses, given back when it is reaped.
+        self.templates: dict[str, list[Template]] = {}
+        self.template_of: dict[int, tuple[str, Template]] = {}
+        self.ambient: Optional[bool] = None  # whether the kernel has ambient capabilities: asked once
 
     def _tiny_fits(self, bp: Blueprint, cgroup: Any, join: Any) -> bool:
         """Whether to build in this process around a tinyinit (else fork a Python init)."""
         return bool(self.tiny) and not bp.userns and not bp.control and not cgroup and not join and _proc_last(bp.root)
+
+    def _template_fits(self, bp: Blueprint, cgroup: Any) -> bool:
+        """Whether a rootless sandbox is made from a template root (else its holder builds one):
+        a tinyinit sandbox of the host tree, with upper layers in memory, its own identity-mapped
+        user namespace (not a network's, nor uid 0 with every id mapped)."""
+        if not (self.tiny and bp.userns and not bp.control and not bp.network and bp.uid != 0 and not cgroup):
+            return False
+        if bp.root.upper_bases or bp.root.layers or not _proc_last(bp.root):
+            return False
+        if self.ambient is None:
+            self.ambient = libc.ambient_capabilities()
+        return self.ambient
+
+    def _template(self, bp: Blueprint, others: tuple[int, ...]) -> tuple[str, Template]:
+        """A clean template for ``bp``: a free one; else, where a killed sandbox still holds one,
+        that one once its holder is reaped and if it is still clean; else a new one."""
+        key = json.dumps([bp.uid, bp.gid, asdict(bp.root)], sort_keys=True)
+        self.reap()
+        free = self.templates.setdefault(key, [])
+        for holder, (used_for, _) in list(self.template_of.items()):
+            if free:
+                break
+            if used_for == key and holder in self.dying:  # its init is killed: gone in a moment
+                os.waitpid(holder, 0)
+                self._reaped(holder)
+        if free:
+            return key, free.pop()
+        return key, self._new_template(bp, others)
+
+    def _new_template(self, bp: Blueprint, others: tuple[int, ...]) -> Template:
+        read, write = os.pipe()
+        builder = os.fork()
+        if builder == 0:
+            os.close(read)
+            _close_all(others)
+            _template_builder(bp, write)
+        os.close(write)
+        data = b""
+        try:
+            while b"\n" not in data:
+                chunk = os.read(read, 65536)
+                if not chunk:
+                    break
+                data += chunk
+        finally:
+            os.close(read)
+        try:
+            line = data.split(b"\n")[0]
+            answer: dict[str, Any] = json.loads(line) if line else {"step": "fork", "errno": None,
+                                                                    "message": "the template's builder died"}
+            if not answer.get("ok"):
+                raise SetupFailure(answer["step"], answer.get("errno"), answer["message"])
+            return Template(builder, answer["watched"])
+        except OSError as exc:
+            raise _failure("keep the template root", exc) from None
+        finally:
+            _kill(builder)
+            os.waitpid(builder, 0)
+
+    def _reaped(self, holder: int) -> None:
+        """``holder`` is reaped: remove its upper dirs on disk, give back its template if clean."""
+        _remove_bases(self.dying.pop(holder))
+        key, template = self.template_of.pop(holder, ("", None))
+        if template is None:
+            return
+        free = self.templates.setdefault(key, [])
+        if template.untouched() and len(free) < 3:
+            free.append(template)
+        else:
+            template.close()
 
     def _build_here(self, bp: Blueprint, ready: int) -> int:
         """Build a sandbox in the factory itself and start its tinyinit (see tinyinit.py): unshare
@@ -408,18 +521,28 @@ class _Workshop:
         others = (read, *self.building, *(b.ours.fileno() for b in self.building.values() if b.ours is not None))
         if ours is not None:
             others += (ours.fileno(),)
+        template: Optional[tuple[str, Template]] = None
         try:
+            if self._template_fits(bp, cgroup):
+                template = self._template(bp, others)
             holder = _fork_init(bp, write, theirs, self.home, tuple(join), others) if direct else os.fork()
-        except OSError as exc:
+        except (OSError, SetupFailure) as exc:
             for fd in (read, write):
                 os.close(fd)
             for sock in (ours, theirs):
                 if sock is not None:
                     sock.close()
-            return {"id": ident, "error": {"step": "fork", "errno": exc.errno, "message": str(exc)}}
+            if template is not None:
+                template[1].close()
+            failure = _failure("fork", exc)
+            return {"id": ident, "error": {"step": failure.step, "errno": failure.errno, "message": failure.message}}
         if holder == 0:
             _close_all(others)
+            if template is not None and self.tiny is not None:
+                _holder_from_template(bp, write, template[1], tuple(join), self.tiny)
             _holder(bp, write, theirs, tuple(join), self.tiny)
+        if template is not None:
+            self.template_of[holder] = template
         os.close(write)
         if theirs is not None:
             theirs.close()
@@ -485,7 +608,7 @@ class _Workshop:
     def reap(self, block: bool = False) -> None:
         for holder in list(self.dying):
             if os.waitpid(holder, 0 if block else os.WNOHANG)[0]:
-                _remove_bases(self.dying.pop(holder))
+                self._reaped(holder)
 
     def close(self) -> None:
         for b in self.building.values():
@@ -497,6 +620,10 @@ class _Workshop:
         for ident in list(self.live):
             self.kill(ident)
         self.reap(block=True)
+        for templates in self.templates.values():
+            for template in templates:
+                template.close()
+        self.templates.clear()
 
 
 def _why(init: int) -> str:

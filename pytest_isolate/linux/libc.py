@@ -38,6 +38,7 @@ PR_SET_PDEATHSIG = 1
 PR_SET_NAME = 15
 PR_SET_CHILD_SUBREAPER = 36
 PR_CAP_AMBIENT = 47
+PR_CAP_AMBIENT_IS_SET = 1
 PR_CAP_AMBIENT_RAISE = 2
 CAP_SYS_ADMIN = 21
 _CAPABILITY_VERSION_3 = 0x20080522
@@ -124,6 +125,15 @@ def set_name(name: bytes) -> None:
     """prctl(PR_SET_NAME): what ``ps`` and ``/proc/PID/comm`` show for the calling thread (15 bytes)."""
     buf = ctypes.create_string_buffer(name[:15])
     _prctl(PR_SET_NAME, ctypes.addressof(buf), 0, 0, 0)
+
+
+def ambient_capabilities() -> bool:
+    """Whether this kernel has ambient capabilities (Linux 4.3; asked without changing anything)."""
+    try:
+        _prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_IS_SET, CAP_SYS_ADMIN, 0, 0)
+    except OSError:
+        return False
+    return True
 
 
 def keep_across_exec(cap: int) -> None:

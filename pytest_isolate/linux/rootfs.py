@@ -74,6 +74,9 @@ class _Builder:
         self.opts = opts
         self.layers = 0
         self.mount_proc = mount_proc
+        # the directories of the scratch tmpfs that any write into the root changes (mtime or
+        # ctime): every upper layer's top and every plain directory of the tree (see watched)
+        self.watched: list[str] = [NEW]
 
     def scratch_for(self, *lowers: str) -> str:
         """Where the upper layer of an overlay of ``lowers`` goes: never inside one of them."""
@@ -94,6 +97,7 @@ class _Builder:
         except FileNotFoundError:  # a base on disk made for this sandbox
             os.makedirs(upper)
         os.mkdir(work)
+        self.watched.append(upper)
         return upper, work
 
     def overlay(self, path: str) -> None:
@@ -172,6 +176,7 @@ class _Builder:
         elif s.action == "dir":
             os.makedirs(NEW + s.path, exist_ok=True)
             _copy_mode(OLD + s.path, NEW + s.path)
+            self.watched.append(NEW + s.path)
         elif s.action == "overlay":
             self.overlay(s.path)
         elif s.action == "rbind":
@@ -193,13 +198,18 @@ def proc_points(opts: RootOptions) -> tuple[str, ...]:
     return tuple(s.path for s in opts.steps if s.action == "proc")
 
 
-def build_root(opts: RootOptions, mount_proc: bool = True, before_pivot: Optional[Callable[[], None]] = None) -> None:
+def build_root(opts: RootOptions, mount_proc: bool = True, before_pivot: Optional[Callable[[], None]] = None,
+               pivot: bool = True) -> tuple[str, ...]:
     """Replace this mount namespace's root by the copy-on-write view. A ``/proc`` shows the PID
     namespace of the process that mounts it: call as PID 1 of the sandbox, or without
     ``mount_proc`` (mount points made, nothing mounted: :func:`proc_points` says where) from
     outside it. ``before_pivot`` runs when the new root is complete under ``NEW`` and the host's
     tree is still attached: in a user namespace the kernel mounts a new ``/proc`` only while a
-    fully visible one is in the mount namespace."""
+    fully visible one is in the mount namespace.
+
+    Without ``pivot`` it stops there (a template: see :func:`enter_root`) and returns the
+    directories, in that staging root, whose mtime and ctime a write anywhere in the new root
+    changes: the top of each upper layer, each plain directory of the tree, ``NEW`` itself."""
     libc.mount(None, "/", None, libc.MS_REC | libc.MS_SLAVE)
     libc.mount("tmpfs", STAGE, "tmpfs", libc.MS_NOSUID | libc.MS_NODEV, f"mode=755,size={opts.scratch_size}")
     for d in (NEW, OLD, SCRATCH):
@@ -217,8 +227,18 @@ def build_root(opts: RootOptions, mount_proc: bool = True, before_pivot: Optiona
         libc.mount(OLD + path, NEW + path, None, libc.MS_BIND | libc.MS_REC)
     for source, target in opts.binds:
         builder.bind(source, target)
+    if not pivot:
+        return tuple(builder.watched)
     if before_pivot is not None:
         before_pivot()
+    enter_root()
+    return ()
+
+
+def enter_root() -> None:
+    """The last step of building a root: ``NEW`` becomes ``/`` and the host's tree goes. Also the
+    one step a sandbox made from a template takes itself, in its copy of the template's mount
+    namespace (the copy's mounts are its own: the template stays as it was)."""
     os.chdir(NEW)
     libc.pivot_root(".", ".")
     libc.umount2(".", libc.MNT_DETACH)

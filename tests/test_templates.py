@@ -1,0 +1,79 @@
+"""Rootless template roots: a sandbox copies a root built before and not written since.
+
+Each isolated test below records which root it got — the device and ctime of its top directory, a
+directory of the template's scratch tmpfs, stamped when the template was built (a device number
+alone is reused once a tmpfs is gone) — and whether any earlier test's writes show. The writing
+tests write in every way that leaves a different root behind: a new file in an overlay, a mode
+change of an overlay's top directory, a name created and removed again, a new name in a plain
+directory of the scratch tree.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from conftest import ROOT, Runner, need
+
+SUITE = """
+import json, os, pytest
+
+LOG = {log!r}
+WRITES = ["tmp-file", "tmp-mode", "created-and-removed", "top-level-name"]
+
+def _seen():
+    seen = []
+    if os.path.exists("/tmp/isolate-template-mark"):
+        seen.append("tmp-file")
+    if os.stat("/tmp").st_mode & 0o7777 != 0o1777:
+        seen.append("tmp-mode")
+    if os.path.exists("/isolate-template-mark"):
+        seen.append("top-level-name")
+    return seen
+
+def _write(kind):
+    if kind == "tmp-file":
+        open("/tmp/isolate-template-mark", "w").close()
+    elif kind == "tmp-mode":
+        os.chmod("/tmp", 0o700)
+    elif kind == "created-and-removed":
+        os.mkdir("/tmp/isolate-template-gone")
+        os.rmdir("/tmp/isolate-template-gone")
+    elif kind == "top-level-name":
+        try:  # rootless the root directory of the tree is ours (a directory of the scratch tmpfs)
+            open("/isolate-template-mark", "w").close()
+        except PermissionError:
+            kind = "nothing"
+    return kind
+
+STEPS = ["read", "read", "read"] + [w for write in WRITES for w in (write, "read")] + ["read", "read"]
+
+@pytest.mark.isolated(writable=[os.path.dirname(LOG)])
+@pytest.mark.parametrize("index", range(len(STEPS)))
+def test_step(index):
+    seen = _seen()
+    did = _write(STEPS[index]) if STEPS[index] != "read" else "nothing"
+    with open(LOG, "a") as f:
+        top = os.stat("/")
+        f.write(json.dumps({{"index": index, "root": [top.st_dev, top.st_ctime_ns], "seen": seen, "did": did}}) + "\\n")
+"""
+
+
+def test_a_written_root_is_never_given_to_another_test(pytester: pytest.Pytester, run: Runner) -> None:
+    (pytester.path / "log").mkdir()
+    log = pytester.path / "log" / "steps.jsonl"
+    pytester.makepyfile(SUITE.format(log=str(log)))
+    result = run("-p", "no:randomly")
+    result.assert_outcomes(passed=13)
+    steps = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [s["index"] for s in steps] == list(range(13))
+    assert all(s["seen"] == [] for s in steps), steps  # no test saw another's writes
+    for i, writer in enumerate(steps):
+        if writer["did"] != "nothing":
+            later = [s["index"] for s in steps[i + 1:] if s["root"] == writer["root"]]
+            assert not later, f"tests {later} got the root test {i} wrote into: {steps}"
+    if not ROOT and os.environ.get("PYTEST_ISOLATE_TINYINIT") != "0":
+        clean = [tuple(s["root"]) for s in steps if s["did"] == "nothing"]
+        need(len(set(clean)) < len(clean), "template roots (rootless, tinyinit, ambient capabilities)")
