@@ -393,6 +393,9 @@ class _Workshop:
         # root), and the one each holder uses, given back when it is reaped.
         self.templates: dict[str, list[Template]] = {}
         self.template_of: dict[int, tuple[str, Template]] = {}
+        # by blueprint: how many templates in a row came back written into, and builds since
+        self.written: dict[str, int] = {}
+        self.without: dict[str, int] = {}
         self.ambient: Optional[bool] = None  # whether the kernel has ambient capabilities: asked once
 
     def _tiny_fits(self, bp: Blueprint, cgroup: Any, join: Any) -> bool:
@@ -411,9 +414,12 @@ class _Workshop:
             self.ambient = libc.ambient_capabilities()
         return self.ambient
 
-    def _template(self, bp: Blueprint, others: tuple[int, ...]) -> tuple[str, Template]:
+    def _template(self, bp: Blueprint, others: tuple[int, ...]) -> Optional[tuple[str, Template]]:
         """A clean template for ``bp``: a free one; else, where a killed sandbox still holds one,
-        that one once its holder is reaped and if it is still clean; else a new one."""
+        that one once its holder is reaped and if it is still clean; else a new one — or none
+        (the holder builds its root itself) where the last templates all came back written into:
+        building a template and copying it costs a sandbox that writes more than building its
+        root. One build in 16 tries a template again, for when the tests stop writing."""
         key = json.dumps([bp.uid, bp.gid, asdict(bp.root)], sort_keys=True)
         self.reap()
         free = self.templates.setdefault(key, [])
@@ -425,6 +431,10 @@ class _Workshop:
                 self._reaped(holder)
         if free:
             return key, free.pop()
+        if self.written.get(key, 0) >= 2:
+            self.without[key] = self.without.get(key, 0) + 1
+            if self.without[key] % 16:
+                return None
         return key, self._new_template(bp, others)
 
     def _new_template(self, bp: Blueprint, others: tuple[int, ...]) -> Template:
@@ -464,7 +474,9 @@ class _Workshop:
         if template is None:
             return
         free = self.templates.setdefault(key, [])
-        if template.untouched() and len(free) < 3:
+        clean = template.untouched()
+        self.written[key] = 0 if clean else self.written.get(key, 0) + 1
+        if clean and len(free) < 3:
             free.append(template)
         else:
             template.close()
