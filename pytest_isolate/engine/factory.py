@@ -15,7 +15,9 @@ is killed. Killing the init ends the PID namespace and every process in it; the 
 With a user namespace (rootless) the factory can neither point its own children into a new PID
 namespace nor come back from the user namespace, so a **holder** child unshares every namespace
 (and writes the id maps), then spawns tinyinit and builds the root around it the same way (see
-``_build_around_tinyinit`` for what the user namespace changes), and waits for it.
+``_build_around_tinyinit`` for what the user namespace changes), and waits for it. Mostly, though,
+the holder joins the user and mount namespaces of a **template** root instead and only pivots into
+a copy of it (``_holder_from_template``; linux/template.py says when a template may be reused).
 
 Otherwise (the Sandbox API's control socket, no tinyinit for this machine) the factory — rootless:
 the holder — forks a Python init, which unshares the other namespaces, builds the root, reports
