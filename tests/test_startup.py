@@ -12,8 +12,14 @@ from conftest import Runner
 RECORD_FACTORY = """
 import psutil
 
+def _cmdline(process):
+    try:
+        return " ".join(process.cmdline())
+    except psutil.Error:  # a test's process exited, not yet reaped
+        return ""
+
 def _factory_running():
-    return any("pytest_isolate.engine.factory" in " ".join(c.cmdline()) for c in psutil.Process().children())
+    return any("pytest_isolate.engine.factory" in _cmdline(c) for c in psutil.Process().children())
 
 def pytest_collection_finish(session):
     print(f"\\nFACTORY-AT-COLLECTION={_factory_running()}")

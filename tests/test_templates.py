@@ -79,3 +79,31 @@ def test_a_written_root_is_never_given_to_another_test(pytester: pytest.Pytester
     if not ROOT and os.environ.get("PYTEST_ISOLATE_TINYINIT") != "0":
         clean = [tuple(s["root"]) for s in steps if s["did"] == "nothing"]
         need(len(set(clean)) < len(clean), "template roots (rootless, tinyinit, ambient capabilities)")
+
+
+def test_templates_kept_are_bounded(pytester: pytest.Pytester, run: Runner) -> None:
+    """Every distinct root (here: a different ``writable`` directory per test) gets templates of
+    its own; the factory keeps a bounded number of them (8, each with 3 descriptors)."""
+    dirs = []
+    for i in range(14):
+        (pytester.path / f"w{i}").mkdir()
+        dirs.append(str(pytester.path / f"w{i}"))
+    pytester.makeconftest("""
+        import psutil
+
+        def pytest_sessionfinish(session):
+            for child in psutil.Process().children():
+                try:
+                    if "pytest_isolate.engine.factory" in " ".join(child.cmdline()):
+                        with open("factory-fds", "w") as f:
+                            f.write(str(child.num_fds()))
+                except psutil.Error:  # a test's process exited, not yet reaped
+                    pass
+    """)
+    tests = "".join(f"@pytest.mark.isolated(writable=[{d!r}])\n@pytest.mark.parametrize('again', [1, 2])\n"
+                    f"def test_{i}(again):\n    pass\n\n" for i, d in enumerate(dirs))
+    pytester.makepyfile("import pytest\n\n" + tests)
+    result = run("-p", "no:randomly")
+    result.assert_outcomes(passed=28)
+    fds = int((pytester.path / "factory-fds").read_text())
+    assert fds < 100, fds

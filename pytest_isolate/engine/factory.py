@@ -364,6 +364,10 @@ def _forward(signum: int) -> None:
         pass
 
 
+class _NoTemplates(Exception):
+    """The template root was built, but this host does not let the factory keep it."""
+
+
 class _Build:
     """A sandbox being built: its processes forked, its init not yet ready."""
 
@@ -437,7 +441,11 @@ class _Workshop:
             self.without[key] = self.without.get(key, 0) + 1
             if self.without[key] % 16:
                 return None
-        return key, self._new_template(bp, others)
+        try:
+            return key, self._new_template(bp, others)
+        except _NoTemplates:
+            self.ambient = False  # this host won't let us keep one: holders build, as before
+            return None
 
     def _new_template(self, bp: Blueprint, others: tuple[int, ...]) -> Template:
         read, write = os.pipe()
@@ -462,9 +470,10 @@ class _Workshop:
                                                                     "message": "the template's builder died"}
             if not answer.get("ok"):
                 raise SetupFailure(answer["step"], answer.get("errno"), answer["message"])
-            return Template(builder, answer["watched"])
-        except OSError as exc:
-            raise _failure("keep the template root", exc) from None
+            try:
+                return Template(builder, answer["watched"])
+            except OSError as exc:
+                raise _NoTemplates(str(exc)) from None
         finally:
             _kill(builder)
             os.waitpid(builder, 0)
@@ -478,7 +487,8 @@ class _Workshop:
         free = self.templates.setdefault(key, [])
         clean = template.untouched()
         self.written[key] = 0 if clean else self.written.get(key, 0) + 1
-        if clean and len(free) < 3:
+        kept = sum(len(templates) for templates in self.templates.values())
+        if clean and len(free) < 3 and kept < 8:  # each holds a root's mounts and a tmpfs
             free.append(template)
         else:
             template.close()

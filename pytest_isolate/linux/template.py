@@ -26,26 +26,29 @@ if TYPE_CHECKING:
     from typing import Sequence
 
 
-def _stamp(fd: int) -> tuple[int, int]:
-    st = os.fstat(fd)
+def _stamp(root: int, path: str) -> tuple[int, int]:
+    st = os.stat(path, dir_fd=root, follow_symlinks=False)
     return st.st_mtime_ns, st.st_ctime_ns
 
 
 class Template:
     """The namespaces of a template root (from the process that built it) and its watched
-    directories, opened through that process's root while it lives (``O_PATH``: no read access
-    needed), with their stamps."""
+    directories, looked up from that process's root directory (an ``O_PATH`` descriptor: three
+    descriptors per template in all), with their stamps."""
 
     def __init__(self, builder: int, watched: Sequence[str]) -> None:
         self.ns = Namespaces(builder, libc.CLONE_NEWUSER | libc.CLONE_NEWNS, pidfd=False)
-        self.fds: list[int] = []
+        self.paths = [path.lstrip("/") or "." for path in watched]
         try:
-            for path in watched:
-                self.fds.append(os.open(f"/proc/{builder}/root{path}", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC))
+            self.root = os.open(f"/proc/{builder}/root", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError:
+            self.ns.close()
+            raise
+        try:
+            self.stamps = [_stamp(self.root, path) for path in self.paths]
         except OSError:
             self.close()
             raise
-        self.stamps = [_stamp(fd) for fd in self.fds]
 
     def join(self) -> None:
         """Enter the template's user and mount namespaces (then unshare the mount namespace: a copy)."""
@@ -55,12 +58,12 @@ class Template:
         """Whether nothing was written into the root since the template was made (call when the
         sandbox that used it is gone: a process still in it could write after the check)."""
         try:
-            return all(_stamp(fd) == stamp for fd, stamp in zip(self.fds, self.stamps))
+            return all(_stamp(self.root, path) == stamp for path, stamp in zip(self.paths, self.stamps))
         except OSError:
             return False
 
     def close(self) -> None:
         self.ns.close()
-        for fd in self.fds:
-            os.close(fd)
-        self.fds = []
+        if self.root >= 0:
+            os.close(self.root)
+            self.root = -1
