@@ -37,8 +37,12 @@ import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-CLONE_NEWNS, CLONE_NEWUSER, CLONE_NEWPID = 0x20000, 0x10000000, 0x20000000
-JOIN = CLONE_NEWUSER | CLONE_NEWPID | CLONE_NEWNS
+sys.path.insert(0, os.path.dirname(HERE))
+
+from pytest_isolate.linux import libc  # noqa: E402
+from pytest_isolate.linux.userns import write_identity_maps  # noqa: E402
+
+JOIN = libc.CLONE_NEWUSER | libc.CLONE_NEWPID | libc.CLONE_NEWNS
 LIBC = ctypes.CDLL(None, use_errno=True)
 STACK = 256 * 1024
 
@@ -113,8 +117,7 @@ def forked_relay(init: int, code: int) -> int:
     relay = os.fork()
     if relay == 0:
         try:
-            if LIBC.setns(pidfd, JOIN) != 0:
-                os._exit(98)
+            libc.setns(pidfd, JOIN)
             pid = os.fork()
             if pid == 0:
                 child(code)
@@ -136,11 +139,8 @@ def sandbox() -> int:
     if pid == 0:
         try:
             uid, gid = os.getuid(), os.getgid()
-            if LIBC.unshare(JOIN) != 0:
-                os._exit(1)
-            for name, text in (("uid_map", f"{uid} {uid} 1\n"), ("setgroups", "deny\n"), ("gid_map", f"{gid} {gid} 1\n")):
-                with open(f"/proc/self/{name}", "w") as f:
-                    f.write(text)
+            libc.unshare(JOIN)
+            write_identity_maps(uid, gid)
             init = os.fork()
             if init == 0:
                 signal.signal(signal.SIGCHLD, signal.SIG_IGN)

@@ -55,10 +55,15 @@ def run(pytester: pytest.Pytester, isolation_works: None) -> Runner:
     return run
 
 
+def feature_ok(host_caps: dict[str, Any], name: str) -> bool:
+    """Whether the doctor found feature ``name`` (it must report it) usable here."""
+    return bool(next(f for f in host_caps["features"] if f["name"] == name)["ok"])
+
+
 @pytest.fixture
 def cgroups_ok(host_caps: dict[str, Any]) -> bool:
     """Whether limits can be enforced here; where not (rootless on cgroup v1), the refusal is tested."""
-    return bool(next(f for f in host_caps["features"] if f["name"] == "cgroup limits")["ok"])
+    return feature_ok(host_caps, "cgroup limits")
 
 
 def read_json(path: Any) -> dict[str, Any]:

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from conftest import ROOT, Runner, need
+from conftest import ROOT, Runner, feature_ok, need
 
 SUITE = """
 import json, os, pytest
@@ -78,8 +78,7 @@ def test_a_written_root_is_never_given_to_another_test(pytester: pytest.Pytester
         if writer["did"] != "nothing":
             later = [s["index"] for s in steps[i + 1:] if s["root"] == writer["root"]]
             assert not later, f"tests {later} got the root test {i} wrote into: {steps}"
-    in_memory = any(f["name"] == "tmpfs upper layer" and f["ok"] for f in host_caps["features"])
-    if not ROOT and in_memory and os.environ.get("PYTEST_ISOLATE_TINYINIT") != "0":
+    if not ROOT and feature_ok(host_caps, "tmpfs upper layer") and os.environ.get("PYTEST_ISOLATE_TINYINIT") != "0":
         # templates are for upper layers in memory: before Linux 6.6 rootless ones go to disk
         clean = [tuple(s["root"]) for s in steps if s["did"] == "nothing"]
         need(len(set(clean)) < len(clean), "template roots (rootless, tinyinit, ambient capabilities)")
