@@ -1,8 +1,11 @@
 """Rootless template roots: a sandbox copies a root built before and not written since.
 
-Each isolated test below records which root it got — the device and ctime of its top directory, a
-directory of the template's scratch tmpfs, stamped when the template was built (a device number
-alone is reused once a tmpfs is gone) — and whether any earlier test's writes show. The writing
+Each isolated test below records which root it got — the device, ctime and filesystem id of its
+top directory (rootless a directory of the template's scratch tmpfs, as root an overlay) — and
+whether any earlier test's writes show. A device number is reused once a filesystem is gone, and
+two roots built within one tick of the coarse clock share a ctime (as root that made two fresh
+roots look like one); the filesystem id is random per mount where the kernel has one (tmpfs and
+overlay with a uuid here, kernel 6.18) and the same for every copy of a template. The writing
 tests write in every way that leaves a different root behind: a new file in an overlay, a mode
 change of an overlay's top directory, a name created and removed again, a new name in a plain
 directory of the scratch tree; and several writers in a row.
@@ -60,7 +63,8 @@ def test_step(index):
     did = _write(STEPS[index]) if STEPS[index] != "read" else "nothing"
     with open(LOG, "a") as f:
         top = os.stat("/")
-        f.write(json.dumps({{"index": index, "root": [top.st_dev, top.st_ctime_ns], "seen": seen, "did": did}}) + "\\n")
+        root = [top.st_dev, top.st_ctime_ns, os.statvfs("/").f_fsid]
+        f.write(json.dumps({{"index": index, "root": root, "seen": seen, "did": did}}) + "\\n")
 """
 
 
