@@ -13,11 +13,11 @@ cost of a fork grows with it). Printed: median wall time and CPU (this process a
 per launch, for each way, and their ratio.
 
 It first checks that each way's child is PID 2 of the sandbox and that its exit status comes
-back, also with glibc's ``fork`` as the native relay's fork function instead of ``_Fork``: in a
-Python process here, the child that glibc's ``fork`` makes from the native relay does not come
-back as a fork's child (its ``fork`` returns 1), which ``_Fork`` (glibc 2.34) does. ``_Fork`` runs
-no ``pthread_atfork`` handlers, which a real relay would need to (libraries such as OpenBLAS reset
-their thread pools there): this is a measurement, not a design.
+back, also with glibc's ``fork`` as the native relay's fork function instead of ``_Fork``. The
+relay's stack must be a private mapping: ``mmap.mmap(-1, n)`` is MAP_SHARED, which a fork does not
+copy, so the relay and its child would run on the same stack memory; glibc's ``fork``, whose
+frame outlives the clone, then returned 1 in the child (the relay's writes showed through), while
+``_Fork``, a leaf function, happened to work.
 """
 
 from __future__ import annotations
@@ -69,7 +69,7 @@ class Native:
             raise OSError(ctypes.get_errno(), "mprotect")
         self.call = ctypes.PYFUNCTYPE(ctypes.c_long, ctypes.c_void_p)(address)  # the GIL stays held
         self.fork = ctypes.cast(getattr(LIBC, fork_name), ctypes.c_void_p).value or 0
-        self.stack = mmap.mmap(-1, STACK)
+        self.stack = mmap.mmap(-1, STACK, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         self.top = ctypes.addressof(ctypes.c_char.from_buffer(self.stack)) + STACK
         self.hooks = [getattr(ctypes.pythonapi, name) for name in ("PyOS_BeforeFork", "PyOS_AfterFork_Parent", "PyOS_AfterFork_Child")]
         for hook in self.hooks:
