@@ -10,16 +10,19 @@ import pytest
 from conftest import Runner
 
 
-@pytest.mark.parametrize("join", ["pidfd", "ns-files", "python-init"])
+@pytest.mark.parametrize("join", ["pidfd", "ns-files", "python-init", "forked-relay"])
 def test_pid_hostname_network_ipc(pytester: pytest.Pytester, run: Runner, join: str,
                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """Both ways of joining the sandbox: one setns on a pidfd (Linux >= 5.8), and one
-    /proc/PID/ns file per namespace (older kernels; forced here); and, as root, both inits: the
-    factory's tinyinit and (forced here, as on machines without one) a forked Python init."""
+    /proc/PID/ns file per namespace (older kernels; forced here); as root, both inits: the
+    factory's tinyinit and (forced here, as on machines without one) a forked Python init; and
+    rootless, both relays: the native one (where there is one) and a forked Python relay."""
     if join == "ns-files":
         pytester.makeconftest("import pytest_isolate.linux.nsjoin as nsjoin\nnsjoin.PIDFD_SETNS = False\n")
     if join == "python-init":
         monkeypatch.setenv("PYTEST_ISOLATE_TINYINIT", "0")
+    if join == "forked-relay":
+        monkeypatch.setenv("PYTEST_ISOLATE_NATIVE_RELAY", "0")
     # tinyinit, root and rootless, unless this parameter (or the whole run) asks for the Python init
     tiny = platform.machine() == "x86_64" and join != "python-init" and os.environ.get("PYTEST_ISOLATE_TINYINIT") != "0"
     pytester.makepyfile(
@@ -115,6 +118,74 @@ def test_pid_hostname_network_ipc(pytester: pytest.Pytester, run: Runner, join: 
     )
     result = run("-v")
     result.assert_outcomes(passed=10)
+
+
+@pytest.mark.parametrize("relay", ["native", "forked"])
+def test_the_test_process_is_like_any_fork_of_pytest(pytester: pytest.Pytester, run: Runner, relay: str,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """However a relay made it (user_namespace=True: also as root), the test process is what
+    os.fork() makes: fork hooks run in it, pytest's signal mask, rseq registered (the kernel
+    drops it for the native relay's CLONE_VM clone), threads work, its own name. The native relay
+    runs the hooks once, in the test process only; a forked relay, a fork itself, runs
+    ``after_in_child`` in the relay too."""
+    hooks = "[2]"
+    if relay == "forked":
+        monkeypatch.setenv("PYTEST_ISOLATE_NATIVE_RELAY", "0")
+        hooks = "conftest.AFTER_IN_CHILD[:-1] + [2]"
+    pytester.makeconftest(
+        """
+        import os, threading
+        AFTER_IN_CHILD = []
+        os.register_at_fork(after_in_child=lambda: AFTER_IN_CHILD.append(os.getpid()))
+
+        def churn():  # glibc's fork then locks malloc's arenas around the fork (multi-threaded)
+            while True:
+                [bytearray(200_000) for _ in range(4)]
+
+        threading.Thread(target=churn, daemon=True).start()
+        """
+    )
+    pytester.makepyfile(
+        """
+        import ctypes, errno, os, signal, threading, pytest
+        import conftest
+
+        @pytest.mark.isolated(user_namespace=True)
+        def test_fork_like():
+            assert os.getpid() == 2
+            assert conftest.AFTER_IN_CHILD == %s
+            assert signal.pthread_sigmask(signal.SIG_BLOCK, []) == set()
+            with open("/proc/self/comm") as f:
+                assert f.read().strip() != "isolate-relay"
+            box = []
+            worker = threading.Thread(target=lambda: box.append(threading.get_ident()))
+            worker.start(); worker.join()
+            assert box and box[0] != threading.get_ident()
+
+        @pytest.mark.isolated(user_namespace=True)
+        def test_rseq_registered():
+            libc = ctypes.CDLL(None, use_errno=True)
+            try:
+                offset = ctypes.c_long.in_dll(libc, "__rseq_offset").value
+                size = ctypes.c_uint.in_dll(libc, "__rseq_size").value
+            except ValueError:
+                pytest.skip("glibc before 2.35: no rseq")
+            if not size:
+                pytest.skip("rseq is off in glibc")
+            libc.pthread_self.restype = ctypes.c_void_p
+            libc.syscall.restype = ctypes.c_long
+            area = ctypes.c_void_p(libc.pthread_self() + offset)
+            again = libc.syscall(ctypes.c_long(334), area, ctypes.c_uint(max(size, 32)), 0, ctypes.c_uint(0x53053053))
+            assert again == -1 and ctypes.get_errno() == errno.EBUSY
+
+        @pytest.mark.isolated(user_namespace=True)
+        @pytest.mark.parametrize("n", range(20))
+        def test_many_beside_a_busy_thread(n):
+            assert bytearray(1 << 20)[-1] == 0 and os.getpid() == 2
+        """ % hooks
+    )
+    result = run("-v")
+    result.assert_outcomes(passed=22)
 
 
 def test_header_names_isolation_in_effect(pytester: pytest.Pytester, run: Runner) -> None:

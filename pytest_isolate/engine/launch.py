@@ -7,7 +7,8 @@ the supervisor forks once and the child joins the sandbox with ``setns``:
   the fork, so the forked child *is* PID 2; the child joins the other namespaces itself;
 * rootless: ``setns`` into a PID namespace needs CAP_SYS_ADMIN where we have none, so a relay child
   joins the user namespace (where it has every capability) and the rest, then forks PID 2 and
-  reports its exit status.
+  reports its exit status. Where it can (``linux/relay.py``) the relay shares our memory instead
+  of being a fork of it, and PID 2 is the only copy of the pytest process made.
 
 When the payload exits, or the deadline passes, or pytest is interrupted, the supervisor kills the
 init: the kernel then kills everything left in the PID namespace.
@@ -29,6 +30,7 @@ from typing import Any, Callable, NoReturn, Optional
 
 from ..linux import libc
 from ..linux.cgroups import INSIDE_ENV, CgroupError, Driver, Leaf, Limits, Session
+from ..linux import relay as native_relay
 from ..linux.nsjoin import Namespaces
 from ..linux.rootfs import RootOptions
 from .accounting import Measurement, from_cgroup, from_rusage
@@ -377,19 +379,24 @@ class Launcher:
             raise
 
     def _fork(self, plan: Plan, chan: Channel, target: Callable[[Channel], int], ns: Namespaces,
-              procs: tuple[str, ...], self_join: tuple[str, ...]) -> int:
-        """Fork the payload (rootless: its relay). It joins its leaf itself through ``self_join``
-        (see _join_ways), else rootless through ``procs`` and as root we move it through them."""
+              procs: tuple[str, ...], self_join: tuple[str, ...]) -> tuple[int, int]:
+        """Fork the payload (rootless: its relay); return the pid to wait for and, for a native
+        relay, the pipe it reports the payload's wait status on (else -1). The payload joins its
+        leaf itself through ``self_join`` (see _join_ways), else rootless through ``procs`` and as
+        root we move it through them. Raises SetupFailure if a native relay could not start it."""
         # The children never return from _relay/_payload (os._exit), so nothing after fork() — in
         # particular the finally below — ever runs in a child.
         if plan.userns:
+            relay = native_relay.native()
+            if relay is not None:
+                return self._fork_native(relay, plan, chan, target, ns, self_join or procs)
             pid = os.fork()
             if pid == 0:
                 try:
                     _relay(plan, chan, target, ns, self_join or procs)
                 finally:
                     os._exit(125)  # never let an exception climb into the forked copy of the caller
-            return pid
+            return pid, -1
         # Root: where the child cannot join cheaply itself, we move it into its leaf while it joins
         # the namespaces (the migrations overlap its setns calls); it waits at the gate before
         # running anything.
@@ -419,7 +426,22 @@ class Launcher:
                           message=f"cannot move the test's process into {path}: {exc.strerror}")
             finally:
                 os.close(opener)  # without the "g", the child stops at the gate (EOF)
-        return pid
+        return pid, -1
+
+    def _fork_native(self, relay: native_relay.Native, plan: Plan, chan: Channel, target: Callable[[Channel], int],
+                     ns: Namespaces, procs: tuple[str, ...]) -> tuple[int, int]:
+        """Rootless with a relay that shares our memory: what _relay does, without a copy of us."""
+        flags = libc.CLONE_NEWUSER | (_sandbox_flags(plan) & ~libc.CLONE_NEWCGROUP) | libc.CLONE_NEWPID
+        try:
+            pid, _, status_fd = relay.fork(ns.pairs(flags))
+        except native_relay.RelayError as exc:
+            raise SetupFailure(exc.stage, exc.errno, str(exc)) from None
+        if pid == 0:
+            try:
+                _payload(plan, chan, target, ns, libc.CLONE_NEWCGROUP, procs)
+            finally:
+                os._exit(125)
+        return pid, status_fd
 
     def acquire(self, plan: Plan) -> tuple[Prepared, Optional[Leaf]]:
         """A built sandbox for a control ``plan``, its init already in the leaf holding its limits
@@ -479,11 +501,19 @@ class Launcher:
         if freeze:
             gc.freeze()
         try:
-            pid = self._fork(plan, chan, target, ns, *_join_ways(leaf))
+            pid, status_fd = self._fork(plan, chan, target, ns, *_join_ways(leaf))
+        except SetupFailure as exc:
+            outcome.setup_error = exc
+            pid = 0
         finally:
             if freeze:
                 gc.unfreeze()
             ns.close()
+        if pid == 0:
+            self.release(sandbox, None)
+            self.current = None
+            chan.close()
+            return
         try:
             # While the payload starts we only wait: the deferred cgroup work (earlier tests' leaves
             # removed, the next one made) and the next test's order to the factory.
@@ -505,6 +535,8 @@ class Launcher:
                 _, status, outcome.rusage = os.wait4(pid, 0)
                 if not plan.userns:
                     outcome.status = status
+                elif status_fd >= 0:
+                    outcome.status = native_relay.read_status(status_fd)
         except BaseException:
             outcome.interrupted = True
             _kill(sandbox.init)
@@ -512,6 +544,8 @@ class Launcher:
             os.waitpid(pid, 0)
             raise
         finally:
+            if status_fd >= 0:
+                os.close(status_fd)  # a relay still to write gets EPIPE (it blocks every signal)
             self.release(sandbox, None)  # the leaf is retired by launch(), after its usage is read
             self.current = None
             outcome.wall = time.monotonic() - start

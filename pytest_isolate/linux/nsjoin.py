@@ -59,6 +59,13 @@ class Namespaces:
             if flags & flag:
                 libc.setns(self.fds[flag], flag)
 
+    def pairs(self, flags: int) -> list[tuple[int, int]]:
+        """The setns(2) calls :meth:`join` makes for ``flags``, as (fd, nstype): for code that joins
+        without Python (relay.py)."""
+        if self.pidfd >= 0:
+            return [(self.pidfd, flags)]
+        return [(self.fds[flag], flag) for flag in ORDER if flags & flag]
+
     def close(self) -> None:
         for fd in [self.pidfd, *self.fds.values()]:
             if fd >= 0:

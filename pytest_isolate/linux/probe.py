@@ -305,6 +305,15 @@ def _systemd_user_feature() -> Optional[Feature]:
                    required=False)
 
 
+def _relay_feature() -> Feature:
+    """Whether rootless test processes come from a relay sharing pytest's memory (relay.py)."""
+    from . import relay
+
+    ok = relay.native() is not None
+    detail = "the test process is the only copy of pytest made per test" if ok else relay.why_not()
+    return Feature("native relay", ok, detail, None, required=False)
+
+
 def probe(lower: str = "/usr", cgroups: Optional[Driver] = None, one_by_one: bool = False) -> Capabilities:
     """Try every feature the sandbox needs, in one child process where the host allows all of them.
 
@@ -323,4 +332,5 @@ def probe(lower: str = "/usr", cgroups: Optional[Driver] = None, one_by_one: boo
         features.append(user_manager)
     features.append(_sysctl_feature())
     features.append(_seccomp_feature())
+    features.append(_relay_feature())
     return Capabilities(root=not userns, kernel=os.uname().release, features=tuple(features))

@@ -1,0 +1,233 @@
+"""Rootless: fork the test process into a sandbox with one copy of the pytest process, not two.
+
+Rootless, the test process must be born in the sandbox's PID namespace, and only a process inside
+the sandbox's user namespace may point its children there; the pytest process cannot enter that
+namespace and come back. So a relay joins it and forks the test process. A relay forked from the
+pytest process copies its page tables once more per test and tears them down again: about 1.5 ms
+of CPU and of the test's path on a 30 MB process (``benchmarks/native_relay.py``).
+
+This relay shares the pytest process's memory instead: a ``clone(CLONE_VM)`` child running machine
+code (``relay_x86_64.S`` beside this file) on a stack of its own. It joins the namespaces, calls
+glibc's ``fork`` (so ``pthread_atfork`` handlers run, as for ``os.fork``), reports the test
+process's pid, then waits for it and reports its wait status and rusage on a pipe. The test
+process returns from :meth:`Native.fork` as from ``os.fork()``, with CPython's fork hooks run
+around it; the caller waits in ``read`` until the fork is made, with every signal blocked, so
+nothing in the shared memory moves while it is copied.
+
+Only on x86_64 with glibc. Elsewhere, where anonymous memory cannot be made executable (a security
+module's ``execmem`` rule), if its self-test fails, or with ``PYTEST_ISOLATE_NATIVE_RELAY=0``,
+:func:`native` returns None and launch.py forks a Python relay as before.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+import os
+import platform
+import signal
+import struct
+import sys
+import threading
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Optional, Sequence
+
+# .text of relay_x86_64.S (as --64; objcopy -O binary -j .text)
+CODE_X86_64 = bytes.fromhex(
+    "535541544155415641574889fb48896320b838000000bf11012000488b731831d24c8b53484531c00f054885c0744978"
+    "3c4989c4b8030000008b7b380f0531c08b7b40488d7328ba100000000f054883f8fc74ea4883f810741048c74328e0ff"
+    "ffff48c74330030000004c89e0415f415e415d415c5d5bc3b89d000000bf01000000be090000000f054c8b7b38b80300"
+    "00008b7b400f054c8b63104c8b6b08bd010000004d85ed741eb834010000498b3c24498b7424080f054885c0782e4983"
+    "c41049ffcdebddbd020000004883e4f0ff1385c00f84900000004863c0790bff535048630048f7d8eb0231ed4989c648"
+    "81eca00000004889042448896c2408b8010000004c89ff4889e6ba100000000f054d85f6784bb89d000000bf0f000000"
+    "488d35890000000f05c744240cffffffffb83d0000004c89f7488d74240c31d24c8d5424100f054883f8fc74e4b80100"
+    "00004c89ff488d74240cba940000000f05b83c00000031ff0f05b8030000004c89ff0f05488b73604885f6742864488b"
+    "3c250000000048037b5831d241ba53300553b84e0100000f054885c07407c74704feffffff488b632031c0e9bdfeffff"
+    "69736f6c6174652d72656c617900"
+)
+
+SWITCH = "PYTEST_ISOLATE_NATIVE_RELAY"  # "0": always fork a Python relay
+STACK = 256 * 1024  # touched: a few pages (glibc's fork and the atfork handlers)
+STAGES = {1: "setns", 2: "fork", 3: "relay"}
+_STATUS = struct.Struct("i144x")  # what the relay writes when the test process is gone: status + rusage
+_PROT_READ, _PROT_WRITE, _PROT_EXEC, _PROT_NONE = 1, 2, 4, 0
+_MAP_PRIVATE, _MAP_ANONYMOUS, _MAP_NORESERVE, _MAP_STACK = 0x02, 0x20, 0x4000, 0x20000
+
+
+class RelayError(OSError):
+    """The relay could not join the sandbox (``stage`` "setns") or fork (``stage`` "fork"), or died."""
+
+    def __init__(self, errno: int, stage: str) -> None:
+        super().__init__(errno, f"{stage} failed in the relay: {os.strerror(errno)}")
+        self.stage = stage
+
+
+class Native:
+    """The relay's code in an executable page, its stacks, and what the call needs from libc."""
+
+    def __init__(self) -> None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        self._mmap = libc.mmap
+        self._mmap.restype, self._mmap.argtypes = ctypes.c_void_p, [
+            ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+        self._mprotect = libc.mprotect
+        self._mprotect.restype, self._mprotect.argtypes = ctypes.c_int, [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        code = self._map(mmap.PAGESIZE, _PROT_READ | _PROT_WRITE, 0)
+        ctypes.memmove(code, CODE_X86_64, len(CODE_X86_64))
+        self._protect(code, mmap.PAGESIZE, _PROT_READ | _PROT_EXEC)
+        self._call = ctypes.PYFUNCTYPE(ctypes.c_long, ctypes.c_void_p)(code)  # the GIL stays held
+        address = ctypes.cast(libc.fork, ctypes.c_void_p).value
+        errno_location = ctypes.cast(getattr(libc, "__errno_location"), ctypes.c_void_p).value
+        if not address or not errno_location:
+            raise OSError(0, "no fork or __errno_location in the C library")
+        self._fork, self._errno = address, errno_location
+        self._rseq = _rseq(libc)
+        api = ctypes.pythonapi
+        self._hooks = [getattr(api, name) for name in ("PyOS_BeforeFork", "PyOS_AfterFork_Parent", "PyOS_AfterFork_Child")]
+        for hook in self._hooks:
+            hook.restype, hook.argtypes = None, []
+        self._stacks: list[tuple[int, ctypes.c_int]] = []  # (top, busy word: zeroed by the kernel when its relay exits)
+        self._lock = threading.Lock()
+
+    def _map(self, size: int, prot: int, flags: int) -> int:
+        address = self._mmap(None, size, prot, _MAP_PRIVATE | _MAP_ANONYMOUS | flags, -1, 0)
+        if address in (None, ctypes.c_void_p(-1).value):
+            err = ctypes.get_errno()
+            raise OSError(err, f"mmap of {size} bytes failed: {os.strerror(err)}")
+        return int(address)
+
+    def _protect(self, address: int, size: int, prot: int) -> None:
+        if self._mprotect(address, size, prot) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"mprotect({prot}) failed: {os.strerror(err)}")
+
+    def _stack(self) -> tuple[int, ctypes.c_int]:
+        """A stack no relay runs on (its relay exited), marked busy; a new one if all are in use.
+        A private mapping: the test process must get a copy of it, not share it with the relay."""
+        with self._lock:
+            for top, busy in self._stacks:
+                if busy.value == 0:
+                    busy.value = 1
+                    return top, busy
+            base = self._map(STACK + mmap.PAGESIZE, _PROT_READ | _PROT_WRITE, _MAP_NORESERVE | _MAP_STACK)
+            self._protect(base, mmap.PAGESIZE, _PROT_NONE)  # a guard page below it
+            stack = (base + STACK + mmap.PAGESIZE, ctypes.c_int(1))
+            self._stacks.append(stack)
+            return stack
+
+    def fork(self, joins: Sequence[tuple[int, int]]) -> tuple[int, int, int]:
+        """Like ``os.fork()``, with the child born in the namespaces of ``joins`` ((fd, nstype) for
+        setns(2), in order). In the child: ``(0, 0, -1)``. In the parent: (the relay's pid, the
+        child's pid, a pipe the relay writes the child's wait status and rusage to when it is gone:
+        :func:`read_status`). The relay exits after that; reap it. Raises RelayError."""
+        sys.audit("os.fork")
+        pairs = (ctypes.c_long * (2 * len(joins) or 1))(*[value for pair in joins for value in pair])
+        gate, report = os.pipe()
+        top, busy = self._stack()
+        offset, length = self._rseq
+        args = (ctypes.c_long * 13)(self._fork, len(joins), ctypes.addressof(pairs), top, 0, 0, 0, report, gate,
+                                    ctypes.addressof(busy), self._errno, offset, length)
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
+        self._hooks[0]()
+        relay = self._call(ctypes.addressof(args))
+        if relay == 0:
+            self._hooks[2]()
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+            return 0, 0, -1  # the pipe's ends: closed by the relay before its fork, and by us after
+        self._hooks[1]()
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        if relay < 0:  # no clone: the report end is still ours
+            busy.value = 0
+            os.close(report)
+            os.close(gate)
+            raise RelayError(-relay, "relay")
+        pid, stage = args[5], args[6]
+        if stage:
+            os.close(gate)
+            os.waitpid(relay, 0)
+            raise RelayError(-pid, STAGES.get(stage, "relay"))
+        return relay, pid, gate
+
+
+def read_status(fd: int) -> Optional[int]:
+    """The wait status the relay reported on ``fd`` (blocks until the relay is done), or None."""
+    data = b""
+    while len(data) < _STATUS.size:
+        chunk = os.read(fd, _STATUS.size - len(data))
+        if not chunk:
+            break
+        data += chunk
+    if len(data) < _STATUS.size:
+        return None
+    status: int = _STATUS.unpack(data)[0]
+    return None if status == -1 else status
+
+
+def _rseq(libc: ctypes.CDLL) -> tuple[int, int]:
+    """(offset from the thread pointer, length to register) of this thread's rseq area, or (0, 0):
+    glibc before 2.35, or rseq off (``glibc.pthread.rseq=0``)."""
+    try:
+        offset = ctypes.c_long.in_dll(libc, "__rseq_offset").value
+        size = ctypes.c_uint.in_dll(libc, "__rseq_size").value
+    except ValueError:
+        return 0, 0
+    return (offset, max(size, 32)) if size else (0, 0)
+
+
+_NATIVE: list[Optional[Native]] = []
+_WHY: list[str] = []
+
+
+def native() -> Optional[Native]:
+    """This process's native relay, made and tested on first use; None where there is none (why:
+    :func:`why_not`)."""
+    if not _NATIVE:
+        made: Optional[Native] = None
+        why = _unsupported()
+        if not why:
+            try:
+                made = Native()
+                why = _self_test(made)
+            except (OSError, AttributeError, ValueError) as exc:
+                why = f"cannot set it up: {exc}"
+        _WHY.append(why)
+        _NATIVE.append(None if why else made)
+    return _NATIVE[0]
+
+
+def why_not() -> str:
+    """Why :func:`native` returned None ("" if it did not, or was not asked yet)."""
+    return _WHY[0] if _WHY else ""
+
+
+def _unsupported() -> str:
+    if os.environ.get(SWITCH) == "0":
+        return f"{SWITCH}=0"
+    if platform.machine() not in ("x86_64", "AMD64"):
+        return f"no native relay for {platform.machine()}"
+    libc = os.confstr("CS_GNU_LIBC_VERSION") if "CS_GNU_LIBC_VERSION" in os.confstr_names else None
+    if not libc:
+        return "not glibc"
+    if sys.implementation.name != "cpython" or not getattr(sys, "_is_gil_enabled", lambda: True)():
+        return "needs CPython with its GIL"
+    return ""
+
+
+def _self_test(relay: Native) -> str:
+    """Fork a child that exits 42 at once; "" if that status comes back, else what went wrong."""
+    try:
+        pid, child, report = relay.fork(())
+    except OSError as exc:
+        return f"its self-test failed: {exc}"
+    if pid == 0:
+        os._exit(42)
+    try:
+        status = read_status(report)
+    finally:
+        os.close(report)
+        os.waitpid(pid, 0)
+    if status is None or not os.WIFEXITED(status) or os.WEXITSTATUS(status) != 42 or child <= 0:
+        return f"its self-test's child did not exit 42 (wait status {status})"
+    return ""

@@ -1,0 +1,158 @@
+"""The native relay (linux/relay.py): its machine code, and a fork through it, in a subprocess.
+
+The suite never forks in its own process, so each check runs a script with ``sys.executable``
+that forks through the relay and prints what it saw as JSON. Where the host has no native relay
+(not x86_64 with glibc) the checks skip, naming why, and fail with PYTEST_ISOLATE_MUST_WORK=1.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pytest_isolate.linux import relay
+
+from conftest import need
+
+SOURCE = Path(relay.__file__).with_name("relay_x86_64.S")
+NATIVE_HOST = platform.machine() == "x86_64" and bool(os.confstr("CS_GNU_LIBC_VERSION") if "CS_GNU_LIBC_VERSION" in os.confstr_names else "")
+
+PRELUDE = """
+import ctypes, errno, json, os, signal, sys
+from pytest_isolate.linux import relay
+native = relay.native()
+if native is None:
+    print(json.dumps({"why": relay.why_not()})); sys.exit(0)
+out = {"why": ""}
+def finish(pid, report):
+    status = relay.read_status(report)
+    os.close(report)
+    os.waitpid(pid, 0)
+    return os.WEXITSTATUS(status) if status is not None and os.WIFEXITED(status) else status
+"""
+
+
+def run_script(body: str, **env: str) -> dict[str, Any]:
+    proc = subprocess.run([sys.executable, "-c", PRELUDE + body], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, **env}, check=False)
+    assert proc.returncode == 0, proc.stderr
+    data: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return data
+
+
+def checked(body: str) -> dict[str, Any]:
+    data = run_script(body)
+    need(NATIVE_HOST, "a native relay (x86_64 with glibc)")
+    assert data["why"] == "", f"no native relay on an x86_64 glibc host: {data['why']}"
+    return data
+
+
+def test_code_is_the_assembled_source(tmp_path: Path) -> None:
+    if not (shutil.which("as") and shutil.which("objcopy")):  # a check of our source, not of the host
+        pytest.skip("binutils (as, objcopy) are not installed: apt-get install binutils")
+    obj, raw = tmp_path / "relay.o", tmp_path / "relay.bin"
+    subprocess.run(["as", "--64", "-o", str(obj), str(SOURCE)], check=True)
+    subprocess.run(["objcopy", "-O", "binary", "-j", ".text", str(obj), str(raw)], check=True)
+    assert raw.read_bytes() == relay.CODE_X86_64, "re-run the objcopy above and paste its hex into relay.py"
+
+
+def test_the_child_returns_as_from_fork_and_its_status_comes_back() -> None:
+    data = checked("""
+hooks = []
+os.register_at_fork(before=lambda: hooks.append("before"), after_in_parent=lambda: hooks.append("parent"),
+                    after_in_child=lambda: hooks.append("child"))
+me = os.getpid()
+signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGUSR1])
+pid, child, report = native.fork(())
+if pid == 0:
+    ok = (os.getppid() != me and hooks == ["before", "child"]
+          and signal.pthread_sigmask(signal.SIG_BLOCK, []) == {signal.SIGUSR1})
+    os._exit(7 if ok else 8)
+out.update(status=finish(pid, report), hooks=hooks, child=child, relay=pid,
+           mask=sorted(signal.pthread_sigmask(signal.SIG_BLOCK, [])))
+print(json.dumps(out))
+""")
+    assert data["status"] == 7, "the child saw the wrong fork hooks, parent or signal mask"
+    assert data["hooks"] == ["before", "parent"]
+    assert data["child"] > 0 and data["child"] != data["relay"]
+    assert data["mask"] == [10], "the caller's own signal mask must come back unchanged"  # SIGUSR1
+
+
+def test_pthread_atfork_handlers_run_as_for_os_fork() -> None:
+    """prepare and parent in the relay (which shares our memory), child in the child: as glibc's
+    fork runs them, which libraries such as OpenBLAS rely on."""
+    data = checked("""
+seen = []
+CB = ctypes.CFUNCTYPE(None)
+handlers = [CB(lambda tag=tag: seen.append(tag)) for tag in ("prepare", "parent", "child")]
+register = getattr(ctypes.CDLL(None), "__register_atfork")
+register.argtypes = [CB, CB, CB, ctypes.c_void_p]
+assert register(*handlers, None) == 0
+pid, child, report = native.fork(())
+if pid == 0:
+    os._exit(7 if seen == ["prepare", "child"] else 8)
+out.update(status=finish(pid, report), seen=seen)
+print(json.dumps(out))
+""")
+    assert data["status"] == 7
+    assert data["seen"] == ["prepare", "parent"]
+
+
+def test_the_child_has_rseq_registered_again() -> None:
+    """The kernel drops rseq for a CLONE_VM child; glibc's sched_getcpu would read a stale CPU."""
+    data = checked("""
+libc = ctypes.CDLL(None, use_errno=True)
+offset, length = relay._rseq(libc)
+if not length:
+    print(json.dumps({"why": "", "skip": "glibc without rseq"})); sys.exit(0)
+pid, child, report = native.fork(())
+if pid == 0:
+    libc.pthread_self.restype = ctypes.c_void_p
+    libc.syscall.restype = ctypes.c_long
+    area = ctypes.c_void_p(libc.pthread_self() + offset)
+    again = libc.syscall(ctypes.c_long(334), area, ctypes.c_uint(length), 0, ctypes.c_uint(0x53053053))
+    os._exit(7 if again == -1 and ctypes.get_errno() == errno.EBUSY else 8)
+out.update(status=finish(pid, report))
+print(json.dumps(out))
+""")
+    if "skip" in data:
+        pytest.skip(data["skip"])
+    assert data["status"] == 7, "registering rseq again did not say EBUSY: the child had none"
+
+
+def test_a_failed_join_is_an_error_naming_the_step_and_errno() -> None:
+    data = checked("""
+try:
+    native.fork([(987, 0x10000000)])  # no such fd: setns says EBADF
+except relay.RelayError as exc:
+    out.update(stage=exc.stage, errno=exc.errno, message=str(exc))
+print(json.dumps(out))
+""")
+    assert (data["stage"], data["errno"]) == ("setns", 9)
+    assert "setns failed in the relay: Bad file descriptor" in data["message"]
+
+
+def test_stacks_are_reused_once_their_relays_are_gone() -> None:
+    data = checked("""
+for _ in range(20):
+    pid, child, report = native.fork(())
+    if pid == 0:
+        os._exit(0)
+    finish(pid, report)
+out.update(stacks=len(native._stacks))
+print(json.dumps(out))
+""")
+    assert data["stacks"] == 1
+
+
+def test_switched_off_by_the_environment() -> None:
+    data = run_script("print(json.dumps(out))", **{relay.SWITCH: "0"})
+    assert data["why"] == f"{relay.SWITCH}=0"
