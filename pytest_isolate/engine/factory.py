@@ -38,6 +38,7 @@ import signal
 import socket
 import sys
 
+from ..linux import holder as native_holder
 from ..linux import libc, tinyinit
 from ..linux.mounts import Step
 from ..linux.net import loopback_up
@@ -371,12 +372,13 @@ class _NoTemplates(Exception):
 class _Build:
     """A sandbox being built: its processes forked, its init not yet ready."""
 
-    __slots__ = ("ident", "bp", "holder", "ours", "cgroup", "tiny")
+    __slots__ = ("ident", "bp", "holder", "ours", "cgroup", "tiny", "native")
 
     def __init__(self, ident: int, bp: Blueprint, holder: int, ours: Optional[socket.socket], cgroup: tuple[str, ...],
-                 tiny: bool = False) -> None:
+                 tiny: bool = False, native: bool = False) -> None:
         self.ident, self.bp, self.holder, self.ours, self.cgroup = ident, bp, holder, ours, cgroup
         self.tiny = tiny  # its init is tinyinit's: it says "k" when ready, else its exit status says why
+        self.native = native  # its holder is linux/holder.py's: it answers with a binary record
 
 
 class _Workshop:
@@ -395,6 +397,7 @@ class _Workshop:
         self.home = Namespaces(os.getpid(), HOME, pidfd=False)
         self.root = os.open("/", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         self.tiny = tinyinit.executable() if parent else None
+        self.holder = native_holder.executable() if self.tiny else None  # for sandboxes from templates
         # Rootless: template roots (see linux/template.py), free ones by blueprint (user and
         # root), and the one each holder uses, given back when it is reaped.
         self.templates: dict[str, list[Template]] = {}
@@ -549,7 +552,13 @@ class _Workshop:
         try:
             if self._template_fits(bp, cgroup):
                 template = self._template(bp, others)
-            holder = _fork_init(bp, write, theirs, self.home, tuple(join), others) if direct else os.fork()
+            native = template is not None and self.holder is not None and not join
+            if direct:
+                holder = _fork_init(bp, write, theirs, self.home, tuple(join), others)
+            elif native:
+                holder = self._spawn_holder(bp, write, template[1])  # type: ignore[index]
+            else:
+                holder = os.fork()
         except (OSError, SetupFailure) as exc:
             for fd in (read, write):
                 os.close(fd)
@@ -570,15 +579,24 @@ class _Workshop:
         os.close(write)
         if theirs is not None:
             theirs.close()
-        self.building[read] = _Build(ident, bp, holder, ours, tuple(cgroup))
+        self.building[read] = _Build(ident, bp, holder, ours, tuple(cgroup), native=native)
         return None
+
+    def _spawn_holder(self, bp: Blueprint, ready: int, template: Template) -> int:
+        """What _holder_from_template does, by linux/holder.py's executable: no fork of ours."""
+        assert self.holder is not None and self.tiny is not None
+        tiny_fd = int(self.tiny.rsplit("/", 1)[1])
+        argv = ("pytest_isolate-init", *(NEW + p for p in proc_points(bp.root)))
+        block = native_holder.parameters(_flags(bp), _own_network(bp), bp.hostname, OLD + "/proc/self/fd/5", NEW, argv)
+        return native_holder.spawn(self.holder, block, template, tiny_fd, ready)
 
     def finish(self, read: int) -> Optional[dict[str, Any]]:
         """The answer for the sandbox whose ready pipe ``read`` is readable (None if discarded)."""
         b = self.building.pop(read)
         data = b""
         try:
-            while b"\n" not in data:  # the one line the init (or a failing step) writes, or EOF
+            while (len(data) < native_holder.RECORD.size) if b.native else (b"\n" not in data):
+                # the one line the init (or a failing step) writes, or a native holder's record, or EOF
                 chunk = os.read(read, 65536)
                 if not chunk:
                     break
@@ -588,6 +606,8 @@ class _Workshop:
         line = data.split(b"\n")[0]
         if b.tiny:
             answer = {"ok": True} if line == b"k" else {"step": "init", "errno": None, "message": _why(b.holder)}
+        elif b.native:
+            answer = native_holder.answer(data)
         else:
             answer = json.loads(line) if line else {"step": "fork", "errno": None, "message": "the holder died"}
         if b.ident < 0 or not answer.get("ok"):
