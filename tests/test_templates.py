@@ -68,8 +68,14 @@ def test_step(index):
 """
 
 
+@pytest.mark.parametrize("holder", ["native", "forked"])
 def test_a_written_root_is_never_given_to_another_test(pytester: pytest.Pytester, run: Runner,
-                                                       host_caps: dict[str, Any]) -> None:
+                                                       host_caps: dict[str, Any], holder: str,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rootless, both holders of a sandbox made from a template: the native one (x86_64), and a
+    fork of the factory (elsewhere; forced here)."""
+    if holder == "forked":
+        monkeypatch.setenv("PYTEST_ISOLATE_NATIVE_HOLDER", "0")
     (pytester.path / "log").mkdir()
     log = pytester.path / "log" / "steps.jsonl"
     pytester.makepyfile(SUITE.format(log=str(log)))
