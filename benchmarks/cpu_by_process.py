@@ -84,8 +84,8 @@ def roles(found: list[Sample]) -> dict[int, str]:
             named[pid] = "pytest process"
         elif comm == "isolate-relay":  # rootless: the fork of pytest that joins the sandbox and forks PID 2
             named[pid] = "relays"
-        elif comm == "pytest_isolate" or comm.isdigit():  # tinyinit (named by itself; before that, its memfd's fd)
-            named[pid] = "sandbox inits"
+        elif comm in ("pytest_isolate", "isolate-holder") or comm.isdigit():
+            named[pid] = "sandbox inits"  # tinyinit, the native holder (named by themselves; before that, their memfd's fd)
         elif not comm.startswith("python"):
             named[pid] = "kernel " + comm.split("/")[0].split("-")[0]
         elif len(mine) > 200:
