@@ -188,6 +188,48 @@ def test_the_test_process_is_like_any_fork_of_pytest(pytester: pytest.Pytester, 
     result.assert_outcomes(passed=22)
 
 
+@pytest.mark.parametrize("relay", ["native", "forked"])
+def test_a_relay_that_cannot_join_is_a_setup_error(pytester: pytest.Pytester, run: Runner, relay: str,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """A failed setns in the relay (forced here: a descriptor that is no namespace) fails the test
+    in setup, naming the step and the errno, and the run goes on."""
+    if relay == "forked":
+        monkeypatch.setenv("PYTEST_ISOLATE_NATIVE_RELAY", "0")
+    pytester.makeconftest(
+        """
+        import os
+        from pytest_isolate.linux import nsjoin
+
+        NOT_A_NAMESPACE = os.open(os.devnull, os.O_RDONLY)
+        nsjoin.Namespaces.pairs = lambda self, flags: [(NOT_A_NAMESPACE, flags)]
+        real_join = nsjoin.Namespaces.join
+
+        def join(self, flags):
+            if flags & 0x10000000:  # the relay's join of the user namespace and the rest
+                from pytest_isolate.linux import libc
+                libc.setns(NOT_A_NAMESPACE, flags)
+            real_join(self, flags)
+
+        nsjoin.Namespaces.join = join
+        """
+    )
+    pytester.makepyfile(
+        """
+        import pytest
+
+        @pytest.mark.isolated(user_namespace=True)
+        def test_never_runs():
+            pass
+
+        def test_after():
+            pass
+        """
+    )
+    result = run("-rE")
+    result.assert_outcomes(passed=1, errors=1)
+    result.stdout.fnmatch_lines(["*setns*Invalid argument*"])
+
+
 def test_header_names_isolation_in_effect(pytester: pytest.Pytester, run: Runner) -> None:
     pytester.makepyfile("def test_x(): pass")
     result = run()

@@ -29,8 +29,8 @@ from functools import cached_property
 from typing import Any, Callable, NoReturn, Optional
 
 from ..linux import libc
-from ..linux.cgroups import INSIDE_ENV, CgroupError, Driver, Leaf, Limits, Session
 from ..linux import relay as native_relay
+from ..linux.cgroups import INSIDE_ENV, CgroupError, Driver, Leaf, Limits, Session
 from ..linux.nsjoin import Namespaces
 from ..linux.rootfs import RootOptions
 from .accounting import Measurement, from_cgroup, from_rusage
