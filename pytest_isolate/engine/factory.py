@@ -553,11 +553,14 @@ class _Workshop:
             if self._template_fits(bp, cgroup):
                 template = self._template(bp, others)
             native = template is not None and self.holder is not None and not join
+            if native:
+                try:
+                    holder = self._spawn_holder(bp, write, template[1])  # type: ignore[index]
+                except OSError:
+                    self.holder, native = None, False  # it cannot start here: fork holders from now on
             if direct:
                 holder = _fork_init(bp, write, theirs, self.home, tuple(join), others)
-            elif native:
-                holder = self._spawn_holder(bp, write, template[1])  # type: ignore[index]
-            else:
+            elif not native:
                 holder = os.fork()
         except (OSError, SetupFailure) as exc:
             for fd in (read, write):
