@@ -66,6 +66,19 @@ def cgroups_ok(host_caps: dict[str, Any]) -> bool:
     return feature_ok(host_caps, "cgroup limits")
 
 
+def assembled(source: Any, tmp_path: Any) -> bytes:
+    """The .text of an assembly ``source`` of ours (``as --64``, ``objcopy -O binary``): what its
+    module's hex must be. Skips where binutils are missing (a check of our source, not of the host)."""
+    import shutil
+
+    if not (shutil.which("as") and shutil.which("objcopy")):
+        pytest.skip("binutils (as, objcopy) are not installed: apt-get install binutils")
+    obj, raw = tmp_path / "code.o", tmp_path / "code.bin"
+    subprocess.run(["as", "--64", "-o", str(obj), str(source)], check=True)
+    subprocess.run(["objcopy", "-O", "binary", "-j", ".text", str(obj), str(raw)], check=True)
+    return bytes(raw.read_bytes())
+
+
 def read_json(path: Any) -> dict[str, Any]:
     with open(path) as f:
         data: dict[str, Any] = json.load(f)

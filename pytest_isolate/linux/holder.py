@@ -16,11 +16,10 @@ from __future__ import annotations
 
 import fcntl
 import os
-import platform
 import struct
 
 from . import libc
-from .tinyinit import elf, failure
+from .tinyinit import failure, memfd_executable
 
 TYPE_CHECKING = False  # typing costs the factory 1.1 MB of heap: see record.py
 if TYPE_CHECKING:
@@ -67,14 +66,7 @@ _HEADER = struct.Struct("<8Q")  # flags, lo, hostname length and offset, tinyini
 
 def executable() -> Optional[str]:
     """A path that executes the holder (a memfd of this process, kept open), or None."""
-    if os.environ.get(SWITCH) == "0" or platform.machine() not in ("x86_64", "AMD64") or not hasattr(os, "memfd_create"):
-        return None
-    try:
-        fd = os.memfd_create("pytest-isolate-holder", os.MFD_CLOEXEC)
-        os.write(fd, elf(CODE_X86_64))
-    except OSError:
-        return None
-    return f"/proc/self/fd/{fd}"
+    return memfd_executable("pytest-isolate-holder", CODE_X86_64, SWITCH)
 
 
 def parameters(flags: int, lo: bool, hostname: str, tiny: str, new_root: str, argv: Sequence[str]) -> bytes:

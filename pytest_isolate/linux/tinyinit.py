@@ -50,18 +50,27 @@ def elf(code: bytes, machine: int = 0x3E) -> bytes:
     return header + segment + code
 
 
+def memfd_executable(name: str, code: bytes, switch: str) -> Optional[str]:
+    """``/proc/self/fd/N`` of a memfd (kept open) holding :func:`elf` of x86_64 ``code``, or None:
+    not x86_64, no memfds, or the environment variable ``switch`` is "0"."""
+    if os.environ.get(switch) == "0" or platform.machine() not in ("x86_64", "AMD64") or not hasattr(os, "memfd_create"):
+        return None
+    try:
+        fd = os.memfd_create(name, os.MFD_CLOEXEC)
+        os.write(fd, elf(code))
+    except OSError:
+        return None
+    return f"/proc/self/fd/{fd}"
+
+
 def executable() -> Optional[str]:
     """A path that executes the init (a memfd of this process, kept open), or None: no init for
     this machine, memfds cannot be executed (``vm.memfd_noexec``, a security module), or
     ``PYTEST_ISOLATE_TINYINIT=0`` asks for the Python init."""
-    if os.environ.get(SWITCH) == "0" or platform.machine() not in ("x86_64", "AMD64") or not hasattr(os, "memfd_create"):
+    path = memfd_executable("pytest-isolate-init", CODE_X86_64, SWITCH)
+    if path is None:
         return None
-    try:
-        fd = os.memfd_create("pytest-isolate-init", os.MFD_CLOEXEC)
-        os.write(fd, elf(CODE_X86_64))
-    except OSError:
-        return None
-    path = f"/proc/self/fd/{fd}"
+    fd = int(path.rsplit("/", 1)[1])
     if not _runs(path):
         os.close(fd)
         return None

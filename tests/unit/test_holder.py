@@ -9,9 +9,7 @@ from __future__ import annotations
 import errno
 import os
 import platform
-import shutil
 import struct
-import subprocess
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -20,18 +18,13 @@ import pytest
 
 from pytest_isolate.linux import holder, libc
 
-from conftest import need
+from conftest import assembled, need
 
 SOURCE = Path(holder.__file__).with_name("holder_x86_64.S")
 
 
 def test_code_is_the_assembled_source(tmp_path: Path) -> None:
-    if not (shutil.which("as") and shutil.which("objcopy")):  # a check of our source, not of the host
-        pytest.skip("binutils (as, objcopy) are not installed: apt-get install binutils")
-    obj, raw = tmp_path / "holder.o", tmp_path / "holder.bin"
-    subprocess.run(["as", "--64", "-o", str(obj), str(SOURCE)], check=True)
-    subprocess.run(["objcopy", "-O", "binary", "-j", ".text", str(obj), str(raw)], check=True)
-    assert raw.read_bytes() == holder.CODE_X86_64, "re-run the objcopy above and paste its hex into holder.py"
+    assert assembled(SOURCE, tmp_path) == holder.CODE_X86_64, "re-assemble it (see conftest.assembled) and paste its hex into holder.py"
 
 
 def test_parameter_block_layout() -> None:

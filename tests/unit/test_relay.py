@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -20,7 +19,7 @@ import pytest
 
 from pytest_isolate.linux import relay
 
-from conftest import need
+from conftest import assembled, need
 
 SOURCE = Path(relay.__file__).with_name("relay_x86_64.S")
 NATIVE_HOST = platform.machine() == "x86_64" and bool(os.confstr("CS_GNU_LIBC_VERSION") if "CS_GNU_LIBC_VERSION" in os.confstr_names else "")
@@ -56,12 +55,7 @@ def checked(body: str) -> dict[str, Any]:
 
 
 def test_code_is_the_assembled_source(tmp_path: Path) -> None:
-    if not (shutil.which("as") and shutil.which("objcopy")):  # a check of our source, not of the host
-        pytest.skip("binutils (as, objcopy) are not installed: apt-get install binutils")
-    obj, raw = tmp_path / "relay.o", tmp_path / "relay.bin"
-    subprocess.run(["as", "--64", "-o", str(obj), str(SOURCE)], check=True)
-    subprocess.run(["objcopy", "-O", "binary", "-j", ".text", str(obj), str(raw)], check=True)
-    assert raw.read_bytes() == relay.CODE_X86_64, "re-run the objcopy above and paste its hex into relay.py"
+    assert assembled(SOURCE, tmp_path) == relay.CODE_X86_64, "re-assemble it (see conftest.assembled) and paste its hex into relay.py"
 
 
 def test_the_child_returns_as_from_fork_and_its_status_comes_back() -> None:

@@ -7,7 +7,6 @@ test_namespaces.py; here only what needs no process of its own, and a subprocess
 from __future__ import annotations
 
 import os
-import shutil
 import struct
 import subprocess
 import sys
@@ -15,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import need
+from conftest import assembled, need
 from pytest_isolate.engine.factory import _proc_last
 from pytest_isolate.linux import tinyinit
 from pytest_isolate.linux.mounts import Step
@@ -35,12 +34,7 @@ def test_elf_header_points_at_the_code() -> None:
 
 
 def test_code_is_the_assembled_source(tmp_path: Path) -> None:
-    if not (shutil.which("as") and shutil.which("objcopy")):  # a check of our source, not of the host
-        pytest.skip("binutils (as, objcopy) are not installed: apt-get install binutils")
-    obj, raw = tmp_path / "init.o", tmp_path / "init.bin"
-    subprocess.run(["as", "--64", "-o", str(obj), str(SOURCE)], check=True)
-    subprocess.run(["objcopy", "-O", "binary", "-j", ".text", str(obj), str(raw)], check=True)
-    assert raw.read_bytes() == tinyinit.CODE_X86_64, "re-run the objcopy above and paste its hex into tinyinit.py"
+    assert assembled(SOURCE, tmp_path) == tinyinit.CODE_X86_64, "re-assemble it (see conftest.assembled) and paste its hex into tinyinit.py"
 
 
 def test_executable_starts_here_unless_switched_off() -> None:
