@@ -1,103 +1,58 @@
-"""An experiment for rootless sandboxes: the relay as a clone(CLONE_VM) child instead of a fork.
+"""Time a rootless test process's start through each relay: forked (a second copy of pytest) and native.
 
-    python benchmarks/native_relay.py [--runs 40] [--ballast-mb 30]     (rootless; x86_64)
+    python benchmarks/native_relay.py [--runs 40] [--ballast-mb 30]     (rootless; x86_64, glibc)
 
-Rootless, ``--isolate`` forks the pytest process twice per test: a relay that joins the sandbox's
-user and PID namespaces, and the relay's child, the test process (see engine/launch.py). This
-script times that against a relay that shares the caller's memory (``native_relay_x86_64.S``,
-assembled here with ``as`` and ``objcopy``): the test process is then the only copy made. Both
-start a child in a fresh user+PID+mount namespace whose init waits, the child exits at once, and
-each launch ends when its exit status is known; the two ways alternate, each launch with a fresh
-sandbox. ``--ballast-mb`` grows this process to about the size of a pytest process first (the
-cost of a fork grows with it). Printed: median wall time and CPU (this process and its children)
-per launch, for each way, and their ratio.
-
-It first checks that each way's child is PID 2 of the sandbox and that its exit status comes
-back, also with glibc's ``fork`` as the native relay's fork function instead of ``_Fork``. The
-relay's stack must be a private mapping: ``mmap.mmap(-1, n)`` is MAP_SHARED, which a fork does not
-copy, so the relay and its child would run on the same stack memory; glibc's ``fork``, whose
-frame outlives the clone, then returned 1 in the child (the relay's writes showed through), while
-``_Fork``, a leaf function, happened to work.
+Rootless, the test process must be born in the sandbox's PID namespace, which only a process in
+the sandbox's user namespace can point its children into: a relay does it (see engine/launch.py).
+The forked relay is a fork of the pytest process that joins the namespaces and forks the test
+process; the native one (``pytest_isolate/linux/relay.py``) shares the pytest process's memory, so
+the test process is the only copy made. Both start a child in a fresh user+PID+mount namespace
+whose init waits, the child exits at once, and each launch ends when its exit status is known; the
+two ways alternate, each launch with a fresh namespace. ``--ballast-mb`` grows this process to
+about the size of a pytest process first (the cost of a fork grows with it). Printed: median wall
+time and CPU (this process and its children) per launch, for each way, and their ratio. It first
+checks that each way's child is PID 2 of the namespace and that its exit status comes back.
 """
 
 from __future__ import annotations
 
 import argparse
-import ctypes
-import mmap
 import os
 import platform
 import resource
 import signal
 import statistics
 import struct
-import subprocess
 import sys
-import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
-from pytest_isolate.linux import libc  # noqa: E402
+from pytest_isolate.linux import libc, relay  # noqa: E402
 from pytest_isolate.linux.userns import write_identity_maps  # noqa: E402
 
 JOIN = libc.CLONE_NEWUSER | libc.CLONE_NEWPID | libc.CLONE_NEWNS
-LIBC = ctypes.CDLL(None, use_errno=True)
-STACK = 256 * 1024
 
 
-def assemble() -> bytes:
-    with tempfile.TemporaryDirectory() as tmp:
-        obj, raw = os.path.join(tmp, "relay.o"), os.path.join(tmp, "relay.bin")
-        subprocess.run(["as", "--64", "-o", obj, os.path.join(HERE, "native_relay_x86_64.S")], check=True)
-        subprocess.run(["objcopy", "-O", "binary", "-j", ".text", obj, raw], check=True)
-        with open(raw, "rb") as f:
-            return f.read()
-
-
-class Native:
-    """The relay's code in an executable page, its stack, and CPython's fork hooks."""
-
-    def __init__(self, fork_name: str) -> None:
-        code = assemble()
-        self.page = mmap.mmap(-1, mmap.PAGESIZE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
-        self.page.write(code)
-        address = ctypes.addressof(ctypes.c_char.from_buffer(self.page))
-        LIBC.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-        if LIBC.mprotect(ctypes.c_void_p(address), mmap.PAGESIZE, mmap.PROT_READ | mmap.PROT_EXEC) != 0:
-            raise OSError(ctypes.get_errno(), "mprotect")
-        self.call = ctypes.PYFUNCTYPE(ctypes.c_long, ctypes.c_void_p)(address)  # the GIL stays held
-        self.fork = ctypes.cast(getattr(LIBC, fork_name), ctypes.c_void_p).value or 0
-        self.stack = mmap.mmap(-1, STACK, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-        self.top = ctypes.addressof(ctypes.c_char.from_buffer(self.stack)) + STACK
-        self.hooks = [getattr(ctypes.pythonapi, name) for name in ("PyOS_BeforeFork", "PyOS_AfterFork_Parent", "PyOS_AfterFork_Child")]
-        for hook in self.hooks:
-            hook.restype, hook.argtypes = None, []
-
-    def launch(self, init: int, code: int) -> int:
-        """Start a child in ``init``'s namespaces that exits with ``code`` if it is PID 2 (else 99);
-        return its wait status."""
-        pidfd = os.pidfd_open(init)
-        pairs = (ctypes.c_long * 2)(pidfd, JOIN)
-        gate, report = os.pipe()
-        args = (ctypes.c_long * 8)(self.fork, 1, ctypes.addressof(pairs), self.top, 0, 0, report, gate)
-        self.hooks[0]()
-        relay = self.call(ctypes.addressof(args))
-        if relay == 0:
-            self.hooks[2]()
+def native_launch(init: int, code: int) -> int:
+    """What launch.py does rootless with a native relay: the child is forked by the relay."""
+    native = relay.native()
+    if native is None:
+        raise SystemExit(f"no native relay here: {relay.why_not()}")
+    pidfd = os.pidfd_open(init)
+    try:
+        pid, _, report = native.fork([(pidfd, JOIN)])
+        if pid == 0:
             child(code)
-        self.hooks[1]()
-        os.close(report)
+    finally:
         os.close(pidfd)
-        try:
-            if relay < 0 or args[5] < 0:
-                raise OSError(-min(relay, args[5]), "native relay")
-            data = os.read(gate, 148)
-            os.waitpid(relay, 0)
-        finally:
-            os.close(gate)
-        return int(struct.unpack("i", data[:4])[0]) if len(data) >= 4 else -1
+    try:
+        status = relay.read_status(report)
+    finally:
+        os.close(report)
+        os.waitpid(pid, 0)
+    return -1 if status is None else status
 
 
 SEEN = [-1]  # write end of a pipe where a launched child says it runs (in the checks)
@@ -179,10 +134,8 @@ def main() -> int:
     if platform.machine() != "x86_64":
         raise SystemExit("the native relay is x86_64 only")
     ballast = [str(i) * 4 for i in range(args.ballast_mb * 14000)]  # ~70 bytes each
-    native = Native("_Fork")
-    ways = {"forked relay (as launch.py)": forked_relay, "native relay (_Fork)": native.launch}
-    checks = dict(ways, **{"native relay (glibc fork)": Native("fork").launch})
-    for name, launch in checks.items():
+    ways = {"forked relay": forked_relay, "native relay": native_launch}
+    for name, launch in ways.items():
         init = sandbox()
         seen, SEEN[0] = os.pipe()
         try:
