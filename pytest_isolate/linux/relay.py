@@ -96,6 +96,13 @@ class Native:
         self._all = ctypes.create_string_buffer(b"\xff" * _SIGSET, _SIGSET)
         self._stacks: list[tuple[int, ctypes.c_int]] = []  # (top, busy word: zeroed by the kernel when its relay exits)
         self._lock = threading.Lock()
+        os.register_at_fork(after_in_child=self._forked)
+
+    def _forked(self) -> None:
+        """In a child (of os.fork, or of ours): another thread may have held the lock at the fork;
+        the stacks our relays run on stay busy here (the kernel zeroes only our copy's words)."""
+        self._lock = threading.Lock()
+        self._stacks = []
 
     def _map(self, size: int, prot: int, flags: int) -> int:
         address = self._mmap(None, size, prot, _MAP_PRIVATE | _MAP_ANONYMOUS | flags, -1, 0)
