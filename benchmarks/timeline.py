@@ -1,6 +1,6 @@
 """Where one test's time goes, step by step, for ``--isolate`` and for pytest-forked, side by side.
 
-    python benchmarks/timeline.py [--tests 300] [--rounds 3] [--venv DIR] [--user NAME]
+    python benchmarks/timeline.py [--tests 300] [--rounds 3] [--nocg] [--venv DIR] [--user NAME]
 
 ``overhead.py`` says how long a test takes; this says which step of its cycle takes it. A conftest
 in the generated suite of trivial tests wraps, at import, the functions each step starts or ends
@@ -21,7 +21,7 @@ test, the same steps in both modes:
     between tests   .. pytest's hook for the next test starts
 
 Printed: the median of each step in each mode (microseconds), their sum, the median interval
-between test starts, and the difference. ``--rounds`` alternates the modes and takes medians over
+between test starts, and the difference. ``--nocg`` adds ``--isolate --isolate-cgroups=off``. ``--rounds`` alternates the modes and takes medians over
 all tests of all rounds. Stamps cost a few microseconds each; compare modes, not absolutes.
 Uses ``overhead.py``'s virtualenv (pytest 8.4, pytest-forked); ``--user`` as in ``ab.py``.
 """
@@ -197,7 +197,9 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--venv", default=os.path.join(PROJECT, ".bench-venv"))
     parser.add_argument("--user", default="", help="run pytest as this user (rootless; from root)")
+    parser.add_argument("--nocg", action="store_true", help="also --isolate --isolate-cgroups=off")
     args = parser.parse_args()
+    modes = dict(MODES, **({"nocg": ["--isolate", "--isolate-cgroups=off"]} if args.nocg else {}))
     python = ensure_venv(args.venv)
     precompile(python, PROJECT)
     directory = tempfile.mkdtemp(prefix="isolate-timeline-")
@@ -211,10 +213,10 @@ def main() -> int:
             for name in os.listdir(directory):
                 shutil.chown(os.path.join(directory, name), args.user)
         env = {"PYTHONPATH": PROJECT}
-        steps: dict[str, dict[str, list[float]]] = {mode: {name: [] for name, _, _ in STEPS} for mode in MODES}
-        intervals: dict[str, list[float]] = {mode: [] for mode in MODES}
+        steps: dict[str, dict[str, list[float]]] = {mode: {name: [] for name, _, _ in STEPS} for mode in modes}
+        intervals: dict[str, list[float]] = {mode: [] for mode in modes}
         for _ in range(args.rounds):
-            for mode, flags in MODES.items():
+            for mode, flags in modes.items():
                 found, interval = run(python, directory, flags, args.user, env)
                 intervals[mode].append(interval)
                 for name, values in found.items():
@@ -223,16 +225,20 @@ def main() -> int:
         shutil.rmtree(directory, ignore_errors=True)
     print(f"{args.tests} trivial tests, {args.rounds} rounds, uid {'of ' + args.user if args.user else os.getuid()}; "
           "median per step (us)")
-    print(f"{'step':16}{'isolated':>10}{'forked':>10}{'difference':>12}")
-    totals = dict.fromkeys(MODES, 0.0)
+    others = [mode for mode in modes if mode not in ("isolated", "forked")]
+    print(f"{'step':16}{'isolated':>10}{'forked':>10}{'difference':>12}" + "".join(f"{m:>10}" for m in others))
+    totals = dict.fromkeys(modes, 0.0)
     for name, _, _ in STEPS:
-        medians = {mode: statistics.median(steps[mode][name]) if steps[mode][name] else 0.0 for mode in MODES}
-        for mode in MODES:
+        medians = {mode: statistics.median(steps[mode][name]) if steps[mode][name] else 0.0 for mode in modes}
+        for mode in modes:
             totals[mode] += medians[mode]
-        print(f"{name:16}{medians['isolated']:10.0f}{medians['forked']:10.0f}{medians['isolated'] - medians['forked']:12.0f}")
-    print(f"{'sum of steps':16}{totals['isolated']:10.0f}{totals['forked']:10.0f}{totals['isolated'] - totals['forked']:12.0f}")
-    median = {mode: statistics.median(intervals[mode]) for mode in MODES}
-    print(f"{'interval':16}{median['isolated']:10.0f}{median['forked']:10.0f}{median['isolated'] - median['forked']:12.0f}")
+        print(f"{name:16}{medians['isolated']:10.0f}{medians['forked']:10.0f}{medians['isolated'] - medians['forked']:12.0f}"
+              + "".join(f"{medians[m]:10.0f}" for m in others))
+    print(f"{'sum of steps':16}{totals['isolated']:10.0f}{totals['forked']:10.0f}{totals['isolated'] - totals['forked']:12.0f}"
+          + "".join(f"{totals[m]:10.0f}" for m in others))
+    median = {mode: statistics.median(intervals[mode]) for mode in modes}
+    print(f"{'interval':16}{median['isolated']:10.0f}{median['forked']:10.0f}{median['isolated'] - median['forked']:12.0f}"
+          + "".join(f"{median[m]:10.0f}" for m in others))
     return 0
 
 
