@@ -20,7 +20,8 @@ test, the same steps in both modes:
     after           .. the hook returns (reports read, logged; isolate: the sandbox ended)
     between tests   .. pytest's hook for the next test starts
 
-Printed: the median of each step in each mode (microseconds), their sum, the median interval
+Inside the protocol step, with ``--isolate``, the first report's send and each later one's are
+timed too. Printed: the median of each step in each mode (microseconds), their sum, the median interval
 between test starts, and the difference. ``--nocg`` adds ``--isolate --isolate-cgroups=off``. ``--rounds`` alternates the modes and takes medians over
 all tests of all rounds. Stamps cost a few microseconds each; compare modes, not absolutes.
 Uses ``overhead.py``'s virtualenv (pytest 8.4, pytest-forked); ``--user`` as in ``ab.py``.
@@ -83,7 +84,11 @@ def wrap(owner, name, before=None, after=None):
 def child_stamps():
     """In the test process: forget the pytest process's stamps, keep ours."""
     del STAMPS[:]
+    SENT[:] = [0]
     stamp("child start")
+
+
+SENT = [0]
 
 
 try:
@@ -105,6 +110,14 @@ if launch is not None:
         return code
 
     protocol._sandboxed_protocol = sandboxed
+
+    def send(chan, config, report, inner=protocol.send_report):
+        SENT[0] += 1
+        stamp(f"send{min(SENT[0], 2)} start")
+        inner(chan, config, report)
+        stamp(f"send{min(SENT[0], 2)} end")
+
+    protocol.send_report = send
 
     def reports(item, outcome, hint, inner=protocol.child_reports):
         for record in outcome.records:
@@ -145,6 +158,7 @@ if pytest_forked is not None:
     pytest_forked.serialize_report = serialized
 '''
 
+SENDS = [("first report sent", "send1 start", "send1 end"), ("later ones, each", "send2 start", "send2 end")]
 STEPS = [("before fork", "item start", "fork start"), ("fork", "fork start", "fork end"),
          ("child wakes", "fork end", "child start"), ("child joins", "child start", "protocol start"),
          ("protocol", "protocol start", "protocol end"), ("back to parent", "protocol end", "done seen"),
@@ -155,10 +169,10 @@ MODES = {"isolated": ["--isolate"], "forked": ["-p", "no:isolate", "--forked"]}
 def cycles(stamps: list[tuple[int, str]]) -> dict[str, list[float]]:
     """Each step's durations (us), from the stamps of one run in time order."""
     stamps.sort()
-    found: dict[str, list[float]] = {name: [] for name, _, _ in STEPS}
+    found: dict[str, list[float]] = {name: [] for name, _, _ in STEPS + SENDS}
     last: dict[str, int] = {}
     for t, tag in stamps:
-        for name, begin, end in STEPS:
+        for name, begin, end in STEPS + SENDS:
             if tag == end and begin in last and (name != "between tests" or "item end" in last):
                 found[name].append((t - last[begin]) / 1e3)
         last[tag] = t
@@ -213,7 +227,7 @@ def main() -> int:
             for name in os.listdir(directory):
                 shutil.chown(os.path.join(directory, name), args.user)
         env = {"PYTHONPATH": PROJECT}
-        steps: dict[str, dict[str, list[float]]] = {mode: {name: [] for name, _, _ in STEPS} for mode in modes}
+        steps: dict[str, dict[str, list[float]]] = {mode: {name: [] for name, _, _ in STEPS + SENDS} for mode in modes}
         intervals: dict[str, list[float]] = {mode: [] for mode in modes}
         for _ in range(args.rounds):
             for mode, flags in modes.items():
@@ -236,6 +250,9 @@ def main() -> int:
               + "".join(f"{medians[m]:10.0f}" for m in others))
     print(f"{'sum of steps':16}{totals['isolated']:10.0f}{totals['forked']:10.0f}{totals['isolated'] - totals['forked']:12.0f}"
           + "".join(f"{totals[m]:10.0f}" for m in others))
+    for name, _, _ in SENDS:  # within the protocol step: --isolate sends each report through the channel
+        print(f"  {name:18}" + "".join(f"{statistics.median(steps[m][name]):10.0f}" if steps[m][name] else f"{'':10}"
+                                       for m in ("isolated", "forked", *others)))
     median = {mode: statistics.median(intervals[mode]) for mode in modes}
     print(f"{'interval':16}{median['isolated']:10.0f}{median['forked']:10.0f}{median['isolated'] - median['forked']:12.0f}"
           + "".join(f"{median[m]:10.0f}" for m in others))
