@@ -57,6 +57,11 @@ def _load_libc() -> ctypes.CDLL:
 _libc = _load_libc()
 
 
+def library() -> ctypes.CDLL:
+    """The C library itself, for what needs its symbols rather than a call (relay.py)."""
+    return _libc
+
+
 def _errcheck(result: int, func: Any, args: tuple[Any, ...]) -> int:
     if result == -1:
         err = ctypes.get_errno()
@@ -87,6 +92,12 @@ _setns = _declare("setns", [ctypes.c_int, ctypes.c_int])
 _prctl = _declare("prctl", [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong])
 _capget = _declare("capget", [ctypes.c_void_p, ctypes.c_void_p])
 _capset = _declare("capset", [ctypes.c_void_p, ctypes.c_void_p])
+_mprotect = _declare("mprotect", [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int])
+_mmap = _libc.mmap
+_mmap.restype = ctypes.c_void_p
+_mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+PROT_NONE, PROT_READ, PROT_WRITE, PROT_EXEC = 0, 1, 2, 4
+MAP_PRIVATE, MAP_ANONYMOUS, MAP_NORESERVE, MAP_STACK = 0x02, 0x20, 0x4000, 0x20000
 _syscall = _libc.syscall
 _syscall.restype = ctypes.c_long
 _SYS_PIVOT_ROOT = 155  # x86_64; see _pivot_root_number()
@@ -162,3 +173,18 @@ def pivot_root(new_root: str, put_old: str) -> None:
     if res == -1:
         err = ctypes.get_errno()
         raise OSError(err, f"pivot_root({new_root!r}, {put_old!r}) failed: {os.strerror(err)}")
+
+
+def mmap_anonymous(size: int, prot: int, flags: int = 0) -> int:
+    """mmap(2) of ``size`` bytes of private anonymous memory (plus ``flags``); its address. For
+    memory no Python object owns: code to run, a stack for a clone (``mmap.mmap`` is MAP_SHARED)."""
+    address = _mmap(None, size, prot, MAP_PRIVATE | MAP_ANONYMOUS | flags, -1, 0)
+    if address is None or address == ctypes.c_void_p(-1).value:
+        err = ctypes.get_errno()
+        raise OSError(err, f"mmap({size}, {prot}, {flags:#x}) failed: {os.strerror(err)}")
+    return int(address)
+
+
+def mprotect(address: int, size: int, prot: int) -> None:
+    """mprotect(2)."""
+    _mprotect(address, size, prot)

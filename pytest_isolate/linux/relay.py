@@ -22,13 +22,13 @@ module's ``execmem`` rule), if its self-test fails, or with ``PYTEST_ISOLATE_NAT
 from __future__ import annotations
 
 import ctypes
-import mmap
 import os
-import platform
 import signal
 import struct
 import sys
 import threading
+
+from . import libc
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -53,8 +53,7 @@ STACK = 256 * 1024  # touched: a few pages (glibc's fork and the atfork handlers
 STAGES = {1: "setns", 2: "fork", 3: "relay"}
 _SIGSET = 128  # bytes in glibc's sigset_t
 _STATUS = struct.Struct("i144x")  # what the relay writes when the test process is gone: status + rusage
-_PROT_READ, _PROT_WRITE, _PROT_EXEC, _PROT_NONE = 1, 2, 4, 0
-_MAP_PRIVATE, _MAP_ANONYMOUS, _MAP_NORESERVE, _MAP_STACK = 0x02, 0x20, 0x4000, 0x20000
+_PAGE = os.sysconf("SC_PAGESIZE")
 
 
 class RelayError(OSError):
@@ -69,29 +68,24 @@ class Native:
     """The relay's code in an executable page, its stacks, and what the call needs from libc."""
 
     def __init__(self) -> None:
-        libc = ctypes.CDLL(None, use_errno=True)
-        self._mmap = libc.mmap
-        self._mmap.restype, self._mmap.argtypes = ctypes.c_void_p, [
-            ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
-        self._mprotect = libc.mprotect
-        self._mprotect.restype, self._mprotect.argtypes = ctypes.c_int, [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-        code = self._map(mmap.PAGESIZE, _PROT_READ | _PROT_WRITE, 0)
+        lib = libc.library()
+        code = libc.mmap_anonymous(_PAGE, libc.PROT_READ | libc.PROT_WRITE)
         ctypes.memmove(code, CODE_X86_64, len(CODE_X86_64))
-        self._protect(code, mmap.PAGESIZE, _PROT_READ | _PROT_EXEC)
+        libc.mprotect(code, _PAGE, libc.PROT_READ | libc.PROT_EXEC)
         self._call = ctypes.PYFUNCTYPE(ctypes.c_long, ctypes.c_void_p)(code)  # the GIL stays held
-        address = ctypes.cast(libc.fork, ctypes.c_void_p).value
-        errno_location = ctypes.cast(getattr(libc, "__errno_location"), ctypes.c_void_p).value
+        address = ctypes.cast(lib.fork, ctypes.c_void_p).value
+        errno_location = ctypes.cast(getattr(lib, "__errno_location"), ctypes.c_void_p).value
         if not address or not errno_location:
             raise OSError(0, "no fork or __errno_location in the C library")
         self._fork, self._errno = address, errno_location
-        self._rseq = _rseq(libc)
+        self._rseq = _rseq(lib)
         api = ctypes.pythonapi
         self._hooks = [getattr(api, name) for name in ("PyOS_BeforeFork", "PyOS_AfterFork_Parent", "PyOS_AfterFork_Child")]
         for hook in self._hooks:
             hook.restype, hook.argtypes = None, []
         # signal masks set with libc, not signal.pthread_sigmask: that returns the old mask as a set
         # of Signals members, 64 enum lookups (0.15 ms) when restoring from "all blocked"
-        self._sigmask = libc.pthread_sigmask
+        self._sigmask = lib.pthread_sigmask
         self._sigmask.restype, self._sigmask.argtypes = ctypes.c_int, [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
         self._all = ctypes.create_string_buffer(b"\xff" * _SIGSET, _SIGSET)
         self._stacks: list[tuple[int, ctypes.c_int]] = []  # (top, busy word: zeroed by the kernel when its relay exits)
@@ -104,18 +98,6 @@ class Native:
         self._lock = threading.Lock()
         self._stacks = []
 
-    def _map(self, size: int, prot: int, flags: int) -> int:
-        address = self._mmap(None, size, prot, _MAP_PRIVATE | _MAP_ANONYMOUS | flags, -1, 0)
-        if address in (None, ctypes.c_void_p(-1).value):
-            err = ctypes.get_errno()
-            raise OSError(err, f"mmap of {size} bytes failed: {os.strerror(err)}")
-        return int(address)
-
-    def _protect(self, address: int, size: int, prot: int) -> None:
-        if self._mprotect(address, size, prot) != 0:
-            err = ctypes.get_errno()
-            raise OSError(err, f"mprotect({prot}) failed: {os.strerror(err)}")
-
     def _stack(self) -> tuple[int, ctypes.c_int]:
         """A stack no relay runs on (its relay exited), marked busy; a new one if all are in use.
         A private mapping: the test process must get a copy of it, not share it with the relay."""
@@ -124,9 +106,9 @@ class Native:
                 if busy.value == 0:
                     busy.value = 1
                     return top, busy
-            base = self._map(STACK + mmap.PAGESIZE, _PROT_READ | _PROT_WRITE, _MAP_NORESERVE | _MAP_STACK)
-            self._protect(base, mmap.PAGESIZE, _PROT_NONE)  # a guard page below it
-            stack = (base + STACK + mmap.PAGESIZE, ctypes.c_int(1))
+            base = libc.mmap_anonymous(STACK + _PAGE, libc.PROT_READ | libc.PROT_WRITE, libc.MAP_NORESERVE | libc.MAP_STACK)
+            libc.mprotect(base, _PAGE, libc.PROT_NONE)  # a guard page below it
+            stack = (base + STACK + _PAGE, ctypes.c_int(1))
             self._stacks.append(stack)
             return stack
 
@@ -179,12 +161,12 @@ def read_status(fd: int) -> Optional[int]:
     return None if status == -1 else status
 
 
-def _rseq(libc: ctypes.CDLL) -> tuple[int, int]:
+def _rseq(lib: ctypes.CDLL) -> tuple[int, int]:
     """(offset from the thread pointer, length to register) of this thread's rseq area, or (0, 0):
     glibc before 2.35, or rseq off (``glibc.pthread.rseq=0``)."""
     try:
-        offset = ctypes.c_long.in_dll(libc, "__rseq_offset").value
-        size = ctypes.c_uint.in_dll(libc, "__rseq_size").value
+        offset = ctypes.c_long.in_dll(lib, "__rseq_offset").value
+        size = ctypes.c_uint.in_dll(lib, "__rseq_size").value
     except ValueError:
         return 0, 0
     return (offset, max(size, 32)) if size else (0, 0)
@@ -219,10 +201,11 @@ def why_not() -> str:
 def _unsupported() -> str:
     if os.environ.get(SWITCH) == "0":
         return f"{SWITCH}=0"
-    if platform.machine() not in ("x86_64", "AMD64"):
-        return f"no native relay for {platform.machine()}"
-    libc = os.confstr("CS_GNU_LIBC_VERSION") if "CS_GNU_LIBC_VERSION" in os.confstr_names else None
-    if not libc:
+    machine = os.uname().machine
+    if machine != "x86_64":
+        return f"no native relay for {machine}"
+    glibc = os.confstr("CS_GNU_LIBC_VERSION") if "CS_GNU_LIBC_VERSION" in os.confstr_names else None
+    if not glibc:
         return "not glibc"
     if sys.implementation.name != "cpython" or not getattr(sys, "_is_gil_enabled", lambda: True)():
         return "needs CPython with its GIL"
