@@ -95,6 +95,12 @@ def _sandbox_flags(plan: Plan) -> int:
     return flags
 
 
+def _relay_flags(plan: Plan) -> int:
+    """What a relay joins (either kind): the user namespace, every other one but the cgroup
+    namespace (PID 2 joins that after its leaf, see _relay), and the PID namespace for its child."""
+    return libc.CLONE_NEWUSER | (_sandbox_flags(plan) & ~libc.CLONE_NEWCGROUP) | libc.CLONE_NEWPID
+
+
 def _enter(ns: Namespaces, flags: int, plan: Plan) -> None:
     """Join the namespaces in ``flags``, then the sandbox's cwd."""
     ns.join(flags)
@@ -171,8 +177,7 @@ def _relay(plan: Plan, chan: Channel, target: Callable[[Channel], int], ns: Name
     """
     try:
         libc.prctl(libc.PR_SET_PDEATHSIG, signal.SIGKILL)
-        flags = _sandbox_flags(plan) & ~libc.CLONE_NEWCGROUP
-        _enter(ns, libc.CLONE_NEWUSER | flags | libc.CLONE_NEWPID, plan)
+        _enter(ns, _relay_flags(plan), plan)
         pid = os.fork()
     except BaseException as exc:
         _fail_early(chan, "setns", exc)
@@ -431,9 +436,8 @@ class Launcher:
     def _fork_native(self, relay: native_relay.Native, plan: Plan, chan: Channel, target: Callable[[Channel], int],
                      ns: Namespaces, procs: tuple[str, ...]) -> tuple[int, int]:
         """Rootless with a relay that shares our memory: what _relay does, without a copy of us."""
-        flags = libc.CLONE_NEWUSER | (_sandbox_flags(plan) & ~libc.CLONE_NEWCGROUP) | libc.CLONE_NEWPID
         try:
-            pid, _, status_fd = relay.fork(ns.pairs(flags))
+            pid, _, status_fd = relay.fork(ns.pairs(_relay_flags(plan)))
         except native_relay.RelayError as exc:
             raise SetupFailure(exc.stage, exc.errno, str(exc)) from None
         if pid == 0:
