@@ -249,13 +249,18 @@ def _holder_from_template(bp: Blueprint, ready: int, template: Template, join: t
     _around_tinyinit(bp, ready, OLD + tiny, pivot)
 
 
+def _new_proc_points(bp: Blueprint) -> tuple[str, ...]:
+    """Where a holder's tinyinit mounts ``/proc``: under the new root, before the pivot into it."""
+    return tuple(NEW + p for p in proc_points(bp.root))
+
+
 def _around_tinyinit(bp: Blueprint, ready: int, tiny: str, build: Any) -> NoReturn:
     """Start tinyinit (path ``tiny``), then ``build(mount_proc)`` the root, calling ``mount_proc``
     (tinyinit's go, and its answer) while the host's ``/proc`` is still in the mount namespace;
     name the sandbox, bring ``lo`` up, report ready and wait for the init."""
     go_read, go = os.pipe()
     up_read, up = os.pipe()
-    points = tuple(NEW + p for p in proc_points(bp.root))
+    points = _new_proc_points(bp)
     init: int = _step(ready, "start the init", lambda: tinyinit.spawn(tiny, points, go_read, up))
     os.close(go_read)
     os.close(up)
@@ -589,8 +594,8 @@ class _Workshop:
         """What _holder_from_template does, by linux/holder.py's executable: no fork of ours."""
         assert self.holder is not None and self.tiny is not None
         tiny_fd = int(self.tiny.rsplit("/", 1)[1])
-        argv = ("pytest_isolate-init", *(NEW + p for p in proc_points(bp.root)))
-        block = native_holder.parameters(_flags(bp), _own_network(bp), bp.hostname, OLD + "/proc/self/fd/5", NEW, argv)
+        tiny = OLD + f"/proc/self/fd/{native_holder.TINY_FD}"  # before the pivot the host's tree is at OLD
+        block = native_holder.parameters(_flags(bp), _own_network(bp), bp.hostname, tiny, NEW, _new_proc_points(bp))
         return native_holder.spawn(self.holder, block, template, tiny_fd, ready)
 
     def finish(self, read: int) -> Optional[dict[str, Any]]:

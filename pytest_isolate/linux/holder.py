@@ -19,7 +19,7 @@ import os
 import struct
 
 from . import libc
-from .tinyinit import failure, memfd_executable
+from .tinyinit import argv, failure, memfd_executable
 
 TYPE_CHECKING = False  # typing costs the factory 1.1 MB of heap: see record.py
 if TYPE_CHECKING:
@@ -61,6 +61,7 @@ SWITCH = "PYTEST_ISOLATE_NATIVE_HOLDER"  # "0": fork a Python holder instead
 STEPS = {1: "join the template's namespaces", 2: "unshare", 3: "keep CAP_SYS_ADMIN across exec", 4: "start the init",
          5: "init", 6: "build root", 7: "sethostname", 8: "bring up lo", 9: "the holder's parameters"}
 RECORD = struct.Struct("<qqqq")  # step (0: ready), errno, the init exited, its status or signal
+TINY_FD = 5  # where the holder finds tinyinit's memfd (see spawn)
 _HEADER = struct.Struct("<8Q")  # flags, lo, hostname length and offset, tinyinit, new root, argc, argv[0]
 
 
@@ -69,17 +70,19 @@ def executable() -> Optional[str]:
     return memfd_executable("pytest-isolate-holder", CODE_X86_64, SWITCH)
 
 
-def parameters(flags: int, lo: bool, hostname: str, tiny: str, new_root: str, argv: Sequence[str]) -> bytes:
-    """The block the holder reads on fd 0 (see holder_x86_64.S): fields, argv offsets, strings."""
+def parameters(flags: int, lo: bool, hostname: str, tiny: str, new_root: str, proc_points: Sequence[str]) -> bytes:
+    """The block the holder reads on fd 0 (see holder_x86_64.S): fields, argv offsets, strings.
+    ``tiny``: tinyinit's path as the holder sees it; its argv is tinyinit's (``proc_points``)."""
+    args = argv(proc_points)
     strings = [hostname.encode(), os.fsencode(tiny) + b"\0", os.fsencode(new_root) + b"\0",
-               *(os.fsencode(arg) + b"\0" for arg in argv)]
+               *(os.fsencode(arg) + b"\0" for arg in args)]
     offsets = []
-    at = _HEADER.size - 8 + 8 * (len(argv) + 1)  # the header's last field is argv[0]'s offset
+    at = _HEADER.size - 8 + 8 * (len(args) + 1)  # the header's last field is argv[0]'s offset
     for text in strings:
         offsets.append(at)
         at += len(text)
-    head = _HEADER.pack(flags, int(lo), len(strings[0]), offsets[0], offsets[1], offsets[2], len(argv), offsets[3])
-    block = head + struct.pack(f"<{len(argv)}Q", *offsets[4:], 0) + b"".join(strings)
+    head = _HEADER.pack(flags, int(lo), len(strings[0]), offsets[0], offsets[1], offsets[2], len(args), offsets[3])
+    block = head + struct.pack(f"<{len(args)}Q", *offsets[4:], 0) + b"".join(strings)
     if len(block) > 4096:
         raise OSError(0, f"the holder's parameters take {len(block)} bytes (at most 4096)")
     return block
@@ -87,7 +90,7 @@ def parameters(flags: int, lo: bool, hostname: str, tiny: str, new_root: str, ar
 
 def spawn(path: str, block: bytes, template: Template, tiny_fd: int, ready: int) -> int:
     """Start the holder with ``block`` on its fd 0, ``ready`` as fd 1, the template's user and
-    mount namespaces as fds 3 and 4, tinyinit's memfd as fd 5; returns its pid."""
+    mount namespaces as fds 3 and 4, tinyinit's memfd as fd TINY_FD; returns its pid."""
     params, feed = os.pipe()
     sources = [params, ready, template.ns.fds[libc.CLONE_NEWUSER], template.ns.fds[libc.CLONE_NEWNS], tiny_fd]
     moved = []
@@ -99,7 +102,7 @@ def spawn(path: str, block: bytes, template: Template, tiny_fd: int, ready: int)
             if fd < 6:  # a dup2 below could overwrite it before it is copied
                 sources[i] = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 10)
                 moved.append(sources[i])
-        actions: list[Any] = [(os.POSIX_SPAWN_DUP2, fd, target) for fd, target in zip(sources, (0, 1, 3, 4, 5))]
+        actions: list[Any] = [(os.POSIX_SPAWN_DUP2, fd, target) for fd, target in zip(sources, (0, 1, 3, 4, TINY_FD))]
         return os.posix_spawn(path, ["isolate-holder"], {}, file_actions=actions)
     finally:
         for fd in [params, feed, *moved]:

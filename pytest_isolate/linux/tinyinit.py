@@ -21,7 +21,7 @@ import struct
 
 TYPE_CHECKING = False  # typing costs the factory 1.1 MB of heap: see record.py
 if TYPE_CHECKING:
-    from typing import Optional
+    from typing import Optional, Sequence
 
 # .text of tinyinit_x86_64.S (as --64; objcopy -O binary -j .text)
 CODE_X86_64 = bytes.fromhex(
@@ -94,11 +94,16 @@ def _runs(path: str) -> bool:
     return os.WIFEXITED(status) and os.WEXITSTATUS(status) == NOT_STARTED
 
 
+def argv(proc_points: Sequence[str]) -> list[str]:
+    """The init's command line: its name, then where to mount a ``/proc``."""
+    return ["pytest_isolate-init", *proc_points]
+
+
 def spawn(path: str, proc_points: tuple[str, ...], go: int, ready: int) -> int:
     """Start the init (``posix_spawn``: the child shares our memory until it executes), with ``go``
     as its fd 0 and ``ready`` as its fd 1; born into our PID namespace for children."""
     actions = [(os.POSIX_SPAWN_DUP2, go, 0), (os.POSIX_SPAWN_DUP2, ready, 1)]
-    return os.posix_spawn(path, ["pytest_isolate-init", *proc_points], {}, file_actions=actions)
+    return os.posix_spawn(path, argv(proc_points), {}, file_actions=actions)
 
 
 def failure(exited: bool, code: int) -> str:

@@ -28,7 +28,7 @@ def test_code_is_the_assembled_source(tmp_path: Path) -> None:
 
 
 def test_parameter_block_layout() -> None:
-    block = holder.parameters(0x1234, True, "node-a", "/old/tiny", "/newroot", ("init", "/newroot/proc"))
+    block = holder.parameters(0x1234, True, "node-a", "/old/tiny", "/newroot", ("/newroot/proc",))
     flags, lo, length, host, tiny, new, argc, arg0, arg1, end = struct.unpack_from("<10Q", block)
     assert (flags, lo, length, argc, end) == (0x1234, 1, 6, 2, 0)
 
@@ -36,7 +36,7 @@ def test_parameter_block_layout() -> None:
         return block[offset:offset + size] if size >= 0 else block[offset:block.index(b"\0", offset)]
 
     assert text(host, length) == b"node-a"
-    assert (text(tiny), text(new), text(arg0), text(arg1)) == (b"/old/tiny", b"/newroot", b"init", b"/newroot/proc")
+    assert (text(tiny), text(new), text(arg0), text(arg1)) == (b"/old/tiny", b"/newroot", b"pytest_isolate-init", b"/newroot/proc")
 
 
 def test_answers() -> None:
@@ -59,7 +59,7 @@ def test_a_failing_holder_names_its_step(tmp_path: Path) -> None:
     fake: Any = SimpleNamespace(ns=SimpleNamespace(fds={libc.CLONE_NEWUSER: not_a_namespace, libc.CLONE_NEWNS: not_a_namespace}))
     read, ready = os.pipe()
     try:
-        block = holder.parameters(0, False, "x", "/nonexistent", "/nonexistent", ("init",))
+        block = holder.parameters(0, False, "x", "/nonexistent", "/nonexistent", ())
         pid = holder.spawn(path, block, fake, not_a_namespace, ready)
         os.close(ready)
         ready = -1
