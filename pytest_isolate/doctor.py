@@ -13,7 +13,7 @@ from dataclasses import asdict
 from typing import Optional, Sequence
 
 from .engine.explain import CONTAINER_FIX, in_container, userns_blocker
-from .linux.probe import Capabilities, Feature, probe
+from .linux.probe import Capabilities, Feature, probe, relay_feature
 
 
 def why_and_fix(feature: Feature) -> tuple[str, str]:
@@ -87,6 +87,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     doctor = sub.add_parser("doctor", help="print which isolation features this host supports, and the fixes")
     doctor.add_argument("--json", action="store_true", help="machine-readable output")
     args = parser.parse_args(argv)
-    caps = probe()
+    found = probe()
+    caps = Capabilities(found.root, found.kernel, (*found.features, relay_feature()))
     sys.stdout.write((as_json(caps) if args.json else render(caps)) + "\n")
     return 0 if caps.full else 1
