@@ -11,7 +11,9 @@ code (``relay_x86_64.S`` beside this file) on a stack of its own. It joins the n
 glibc's ``fork`` (so ``pthread_atfork`` handlers run, as for ``os.fork``), reports the test
 process's pid, then waits for it and reports its wait status and rusage on a pipe. The test
 process returns from :meth:`Native.fork` as from ``os.fork()``, with CPython's fork hooks run
-around it; the caller waits in ``read`` until the fork is made, with every signal blocked, so
+around it by that code, as ``os.fork`` runs them from C (PyOS_AfterFork_Child before any Python
+runs in the child: else a request for the GIL that another thread made before the fork could make
+the child drop the GIL and wait forever for a thread it does not have); the caller waits in ``read`` until the fork is made, with every signal blocked, so
 nothing in the shared memory moves while it is copied.
 
 Only on x86_64 with glibc. Elsewhere, where anonymous memory cannot be made executable (a security
@@ -36,16 +38,16 @@ if TYPE_CHECKING:
 
 # .text of relay_x86_64.S (as --64; objcopy -O binary -j .text)
 CODE_X86_64 = bytes.fromhex(
-    "535541544155415641574889fb48896320b838000000bf11012000488b731831d24c8b53484531c00f054885c0744978"
-    "3c4989c4b8030000008b7b380f0531c08b7b40488d7328ba100000000f054883f8fc74ea4883f810741048c74328e0ff"
-    "ffff48c74330030000004c89e0415f415e415d415c5d5bc3b89d000000bf01000000be090000000f054c8b7b38b80300"
-    "00008b7b400f054c8b63104c8b6b08bd010000004d85ed741eb834010000498b3c24498b7424080f054885c0782e4983"
-    "c41049ffcdebddbd020000004883e4f0ff1385c00f84900000004863c0790bff535048630048f7d8eb0231ed4989c648"
-    "81eca00000004889042448896c2408b8010000004c89ff4889e6ba100000000f054d85f6784bb89d000000bf0f000000"
-    "488d35890000000f05c744240cffffffffb83d0000004c89f7488d74240c31d24c8d5424100f054883f8fc74e4b80100"
-    "00004c89ff488d74240cba940000000f05b83c00000031ff0f05b8030000004c89ff0f05488b73604885f6742864488b"
-    "3c250000000048037b5831d241ba53300553b84e0100000f054885c07407c74704feffffff488b632031c0e9bdfeffff"
-    "69736f6c6174652d72656c617900"
+    "535541544155415641574889fb4883ec08ff53684883c40848896320b838000000bf11012000488b731831d24c8b5348"
+    "4531c00f054885c074544989c47836b8030000008b7b380f0531c08b7b40488d7328ba100000000f054883f8fc74ea48"
+    "83f810741048c74328e0ffffff48c74330030000004883ec08ff53704883c4084c89e0415f415e415d415c5d5bc3b89d"
+    "000000bf01000000be090000000f054c8b7b38b8030000008b7b400f054c8b63104c8b6b08bd010000004d85ed741eb8"
+    "34010000498b3c24498b7424080f054885c0782e4983c41049ffcdebddbd020000004883e4f0ff1385c00f8490000000"
+    "4863c0790bff535048630048f7d8eb0231ed4989c64881eca00000004889042448896c2408b8010000004c89ff4889e6"
+    "ba100000000f054d85f6784bb89d000000bf0f000000488d35940000000f05c744240cffffffffb83d0000004c89f748"
+    "8d74240c31d24c8d5424100f054883f8fc74e4b8010000004c89ff488d74240cba940000000f05b83c00000031ff0f05"
+    "b8030000004c89ff0f05488b73604885f6742864488b3c250000000048037b5831d241ba53300553b84e0100000f0548"
+    "85c07407c74704feffffff488b63204883ec08ff53784883c40831c0e9b2feffff69736f6c6174652d72656c617900"
 )
 
 SWITCH = "PYTEST_ISOLATE_NATIVE_RELAY"  # "0": always fork a Python relay
@@ -79,10 +81,11 @@ class Native:
             raise OSError(0, "no fork or __errno_location in the C library")
         self._fork, self._errno = address, errno_location
         self._rseq = _rseq(lib)
-        api = ctypes.pythonapi
-        self._hooks = [getattr(api, name) for name in ("PyOS_BeforeFork", "PyOS_AfterFork_Parent", "PyOS_AfterFork_Child")]
-        for hook in self._hooks:
-            hook.restype, hook.argtypes = None, []
+        # CPython's fork hooks, called by the relay's code around the clone (see relay_x86_64.S)
+        self._hooks = [ctypes.cast(getattr(ctypes.pythonapi, name), ctypes.c_void_p).value or 0
+                       for name in ("PyOS_BeforeFork", "PyOS_AfterFork_Parent", "PyOS_AfterFork_Child")]
+        if not all(self._hooks):
+            raise OSError(0, "no PyOS_BeforeFork/AfterFork_* in this interpreter")
         # signal masks set with libc, not signal.pthread_sigmask: that returns the old mask as a set
         # of Signals members, 64 enum lookups (0.15 ms) when restoring from "all blocked"
         self._sigmask = lib.pthread_sigmask
@@ -122,18 +125,14 @@ class Native:
         gate, report = os.pipe()
         top, busy = self._stack()
         offset, length = self._rseq
-        args = (ctypes.c_long * 13)(self._fork, len(joins), ctypes.addressof(pairs), top, 0, 0, 0, report, gate,
-                                    ctypes.addressof(busy), self._errno, offset, length)
+        args = (ctypes.c_long * 16)(self._fork, len(joins), ctypes.addressof(pairs), top, 0, 0, 0, report, gate,
+                                    ctypes.addressof(busy), self._errno, offset, length, *self._hooks)
         mask = ctypes.create_string_buffer(_SIGSET)
         self._sigmask(signal.SIG_BLOCK, self._all, mask)
-        self._hooks[0]()
-        relay = self._call(ctypes.addressof(args))
-        if relay == 0:
-            self._hooks[2]()
-            self._sigmask(signal.SIG_SETMASK, mask, None)
-            return 0, 0, -1  # the pipe's ends: closed by the relay before its fork, and by us after
-        self._hooks[1]()
+        relay = self._call(ctypes.addressof(args))  # fork hooks run inside, as os.fork runs them
         self._sigmask(signal.SIG_SETMASK, mask, None)
+        if relay == 0:
+            return 0, 0, -1  # the pipe's ends: closed by the relay before its fork, and by us after
         if relay < 0:  # no clone: the report end is still ours
             busy.value = 0
             os.close(report)

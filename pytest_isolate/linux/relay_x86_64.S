@@ -11,6 +11,10 @@
  *  56 report   write end of a pipe: value+stage (16 bytes), later wait status (4) + rusage (144)
  *  64 gate     its read end          72 busy    a 32-bit word the kernel zeroes when the relay exits
  *  80 errno    glibc's __errno_location  88 rseq offset from the thread pointer  96 rseq length
+ * 104 before   PyOS_BeforeFork   112 parent  PyOS_AfterFork_Parent   120 child  PyOS_AfterFork_Child
+ * CPython's fork hooks are called here, as os.fork calls them from C: between a return to Python
+ * and PyOS_AfterFork_Child the test process could see another thread's request for the GIL (copied
+ * at the fork), drop the GIL and wait forever for a thread it doesn't have.
  * The caller blocks all signals around the call (the relay and the test process inherit that mask).
  * Returns the relay's pid (the test process gets 0), or -errno if the clone failed, in which case
  * the report end is still the caller's to close; after a clone the caller's copy is closed here.
@@ -25,6 +29,9 @@ relay:
 	push %r14
 	push %r15
 	mov %rdi, %rbx
+	sub $8, %rsp             /* PyOS_BeforeFork(), on a 16-byte aligned stack */
+	call *104(%rbx)
+	add $8, %rsp
 	mov %rsp, 32(%rbx)
 	mov $56, %eax            /* clone(CLONE_VM | CLONE_CHILD_CLEARTID | SIGCHLD, stack, 0, busy, 0) */
 	mov $0x200111, %edi
@@ -35,8 +42,8 @@ relay:
 	syscall
 	test %rax, %rax
 	jz relay_process
-	js out
 	mov %rax, %r12
+	js parent                /* no clone: the report end is still the caller's */
 	mov $3, %eax             /* close(report): EOF at the gate if the relay dies before it says */
 	mov 56(%rbx), %edi
 	syscall
@@ -53,6 +60,10 @@ again:
 	movq $-32, 40(%rbx)      /* EPIPE */
 	movq $3, 48(%rbx)
 said:
+parent:
+	sub $8, %rsp             /* PyOS_AfterFork_Parent() */
+	call *112(%rbx)
+	add $8, %rsp
 	mov %r12, %rax
 out:
 	pop %r15
@@ -155,6 +166,9 @@ test_process:                /* our own copy of everything now */
 	movl $-2, 4(%rdi)        /* cpu_id = RSEQ_CPU_ID_REGISTRATION_FAILED: glibc asks the kernel */
 back:
 	mov 32(%rbx), %rsp       /* the caller's stack (our copy of it), returning 0 */
+	sub $8, %rsp             /* PyOS_AfterFork_Child() before any Python runs here */
+	call *120(%rbx)
+	add $8, %rsp
 	xor %eax, %eax
 	jmp out
 

@@ -80,6 +80,29 @@ print(json.dumps(out))
     assert data["mask"] == [10], "the caller's own signal mask must come back unchanged"  # SIGUSR1
 
 
+def test_a_request_for_the_gil_pending_at_the_fork_does_not_hang_the_child() -> None:
+    """Another thread asks for the GIL while a ``before`` fork hook holds it (C all the way, so no
+    bytecode runs between it and the fork): the request is copied into the child, which must run
+    CPython's after-fork code before any Python, as os.fork does, or it waits forever."""
+    data = checked("""
+import functools, threading
+def spin():
+    while True:
+        sum(range(100))
+threading.Thread(target=spin, daemon=True).start()
+os.register_at_fork(before=functools.partial(ctypes.PyDLL(None).usleep, 20000))  # holds the GIL 20 ms
+statuses = []
+for _ in range(3):
+    pid, child, report = native.fork(())
+    if pid == 0:
+        os._exit(7)
+    statuses.append(finish(pid, report))
+out.update(statuses=statuses)
+print(json.dumps(out))
+""")
+    assert data["statuses"] == [7, 7, 7]
+
+
 def test_pthread_atfork_handlers_run_as_for_os_fork() -> None:
     """prepare and parent in the relay (which shares our memory), child in the child: as glibc's
     fork runs them, which libraries such as OpenBLAS rely on."""
