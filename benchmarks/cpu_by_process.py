@@ -1,6 +1,6 @@
 """CPU time per test, split by process role, for ``--isolate`` and for pytest-forked (needs root and perf).
 
-    python benchmarks/cpu_by_process.py [--tests 300] [--venv DIR] [--user NAME]
+    python benchmarks/cpu_by_process.py [--tests 300] [--venv DIR] [--user NAME] [--nocg]
 
 Wall time says how long a test takes; on a machine with few cores what decides it is often how
 much CPU every process involved burns, on any core. This runs the generated suite of trivial tests
@@ -12,7 +12,8 @@ the kernel or interpreter frames that account for most of it (``copy_process``: 
 copy-on-write faults; ``exit_mmap``: an exiting process's memory torn down).
 
 Uses the virtualenv of ``overhead.py`` (pytest 8.4, pytest-forked, this project). ``--user``
-runs pytest as that (unprivileged) user — rootless mode — with a virtualenv it can read (``--venv``).
+runs pytest as that (unprivileged) user — rootless mode — with a virtualenv it can read (``--venv``);
+``--nocg`` adds ``--isolate --isolate-cgroups=off``.
 """
 
 from __future__ import annotations
@@ -121,6 +122,7 @@ def main() -> int:
     parser.add_argument("--tests", type=int, default=300)
     parser.add_argument("--venv", default=os.path.join(PROJECT, ".bench-venv"))
     parser.add_argument("--user", default="", help="run pytest as this user (rootless)")
+    parser.add_argument("--nocg", action="store_true", help="also --isolate --isolate-cgroups=off")
     args = parser.parse_args()
     if os.getuid() != 0 or not shutil.which("perf"):
         raise SystemExit("needs root and perf (Debian: apt-get install linux-perf)")
@@ -130,7 +132,11 @@ def main() -> int:
         make_suite(directory, args.tests)
         if args.user:
             shutil.chown(directory, args.user)
-        for mode, extra in MODES.items():
+        modes = dict(MODES)
+        if args.nocg:
+            modes = {"isolated": MODES["isolated"], "isolated-nocg": ["--isolate", "--isolate-cgroups=off"],
+                     "forked": MODES["forked"]}
+        for mode, extra in modes.items():
             data = os.path.join(directory, f"{mode}.data")
             record(python, directory, extra, data, args.user)
             report(mode, samples(data), args.tests)
