@@ -8,7 +8,8 @@ roots look like one); the filesystem id is random per mount where the kernel has
 overlay with a uuid here, kernel 6.18) and the same for every copy of a template. The writing
 tests write in every way that leaves a different root behind: a new file in an overlay, a mode
 change of an overlay's top directory, a name created and removed again, a new name in a plain
-directory of the scratch tree; and several writers in a row.
+directory of the scratch tree, the root's filesystem remounted read-only (no write at all, but
+its superblock is the template's); and several writers in a row.
 """
 
 from __future__ import annotations
@@ -22,10 +23,11 @@ import pytest
 from conftest import ROOT, Runner, feature_ok, need
 
 SUITE = """
-import json, os, pytest
+import ctypes, json, os, pytest
 
 LOG = {log!r}
-WRITES = ["tmp-file", "tmp-mode", "created-and-removed", "top-level-name"]
+WRITES = ["tmp-file", "tmp-mode", "created-and-removed", "top-level-name", "remount-ro"]
+MS_RDONLY, MS_REMOUNT = 1, 32
 
 def _seen():
     seen = []
@@ -35,6 +37,8 @@ def _seen():
         seen.append("tmp-mode")
     if os.path.exists("/isolate-template-mark"):
         seen.append("top-level-name")
+    if any(os.statvfs(path).f_flag & os.ST_RDONLY for path in ("/", "/tmp")):
+        seen.append("remount-ro")
     return seen
 
 def _write(kind):
@@ -50,6 +54,11 @@ def _write(kind):
             open("/isolate-template-mark", "w").close()
         except PermissionError:
             kind = "nothing"
+    elif kind == "remount-ro":
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.mount(None, b"/", None, MS_REMOUNT | MS_RDONLY, None) != 0:
+            raise OSError(ctypes.get_errno(), "mount -o remount,ro /")
+        assert os.statvfs("/").f_flag & os.ST_RDONLY
     return kind
 
 # each write followed by a reader; then writers in a row (the factory stops making templates for
@@ -80,9 +89,9 @@ def test_a_written_root_is_never_given_to_another_test(pytester: pytest.Pytester
     log = pytester.path / "log" / "steps.jsonl"
     pytester.makepyfile(SUITE.format(log=str(log)))
     result = run("-p", "no:randomly")
-    result.assert_outcomes(passed=18)
+    result.assert_outcomes(passed=20)
     steps = [json.loads(line) for line in log.read_text().splitlines()]
-    assert [s["index"] for s in steps] == list(range(18))
+    assert [s["index"] for s in steps] == list(range(20))
     assert all(s["seen"] == [] for s in steps), steps  # no test saw another's writes
     for i, writer in enumerate(steps):
         if writer["did"] != "nothing":

@@ -11,7 +11,8 @@ The copy shares the template's overlays, so a template serves one sandbox at a t
 if that sandbox wrote nothing into the root: every write changes the mtime or ctime of the top of
 an upper layer (a copy-up creates an entry there, an attribute change copies it) or of a directory
 of the scratch tree (a new name in ``/var``, say). Those are stamped when the template is made and
-compared after its sandbox is gone; a template that differs is dropped, never reused.
+compared after its sandbox is gone; a template that differs is dropped, never reused. So is one
+whose filesystems a sandbox remounted read-only (a superblock's flags are shared by every copy).
 """
 
 from __future__ import annotations
@@ -26,9 +27,12 @@ if TYPE_CHECKING:
     from typing import Sequence
 
 
-def _stamp(root: int, path: str) -> tuple[int, int]:
+def _stamp(root: int, path: str) -> tuple[int, int, int]:
     st = os.stat(path, dir_fd=root, follow_symlinks=False)
-    return st.st_mtime_ns, st.st_ctime_ns
+    # and whether its filesystem is read-only: ``mount -o remount,ro /`` in a sandbox changes the
+    # superblock its copy shares with the template, and no time stamp
+    readonly = os.statvfs(f"/proc/self/fd/{root}/{path}").f_flag & os.ST_RDONLY
+    return st.st_mtime_ns, st.st_ctime_ns, readonly
 
 
 class Template:
