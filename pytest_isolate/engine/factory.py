@@ -9,7 +9,8 @@ As root (no user namespace) the factory builds each sandbox in its own process: 
 namespaces, starts the sandbox's **init** — ``tinyinit``, a 400-byte executable spawned with
 ``posix_spawn``, PID 1 of the new PID namespace — builds the root around it, sets the hostname,
 brings ``lo`` up, gives the init the go to mount ``/proc``, and returns to its own namespaces (fds of
-them opened at its start). The init reaps orphans and forwards SIGTERM/SIGINT/SIGHUP to PID 2 until it
+them opened at its start). Mostly it joins a **template** root's mount namespace first (see below)
+and, in its copy of it, only pivots into the root: no overlay to mount. The init reaps orphans and forwards SIGTERM/SIGINT/SIGHUP to PID 2 until it
 is killed. Killing the init ends the PID namespace and every process in it; the factory reaps it.
 
 With a user namespace (rootless) the factory can neither point its own children into a new PID
@@ -284,8 +285,11 @@ def _template_builder(bp: Blueprint, ready: int) -> NoReturn:
     """Build a template root (see linux/template.py) in a fresh user and mount namespace, report
     the directories to watch, and wait to be killed (the factory first opens what it keeps)."""
     libc.prctl(libc.PR_SET_PDEATHSIG, signal.SIGKILL)
-    _step(ready, "unshare", lambda: libc.unshare(libc.CLONE_NEWUSER | libc.CLONE_NEWNS))
-    _step(ready, "write uid_map/gid_map", lambda: write_identity_maps(bp.uid, bp.gid))
+    if bp.userns:
+        _step(ready, "unshare", lambda: libc.unshare(libc.CLONE_NEWUSER | libc.CLONE_NEWNS))
+        _step(ready, "write uid_map/gid_map", lambda: write_identity_maps(bp.uid, bp.gid))
+    else:
+        _step(ready, "unshare", lambda: libc.unshare(libc.CLONE_NEWNS))
     watched = _step(ready, "build root", lambda: build_root(bp.root, mount_proc=False, pivot=False))
     _report(ready, ok=True, watched=list(watched))
     while True:
@@ -411,6 +415,7 @@ class _Workshop:
         self.written: dict[str, int] = {}
         self.without: dict[str, int] = {}
         self.ambient: Optional[bool] = None  # whether the kernel has ambient capabilities: asked once
+        self.keeps = True  # False once this host would not let us keep a template's namespaces
 
     def _tiny_fits(self, bp: Blueprint, cgroup: Any, join: Any) -> bool:
         """Whether to build in this process around a tinyinit (else fork a Python init)."""
@@ -426,7 +431,18 @@ class _Workshop:
             return False
         if self.ambient is None:
             self.ambient = libc.ambient_capabilities()
-        return self.ambient
+        return self.ambient and self.keeps
+
+    def _root_template(self, bp: Blueprint, others: tuple[int, ...]) -> Optional[tuple[str, Template]]:
+        """As root, for a sandbox built here around a tinyinit (see _tiny_fits): a template root to
+        copy (as rootless), where its upper layers live in memory; else None, and this process
+        builds the root (also when a template could not be made: the build then says why)."""
+        if bp.root.upper_bases or bp.root.layers or not self.keeps:
+            return None
+        try:
+            return self._template(bp, others)
+        except SetupFailure:
+            return None
 
     def _template(self, bp: Blueprint, others: tuple[int, ...]) -> Optional[tuple[str, Template]]:
         """A clean template for ``bp``: a free one; else, where a killed sandbox still holds one,
@@ -438,7 +454,10 @@ class _Workshop:
         self.reap()
         free = self.templates.setdefault(key, [])
         for holder, (used_for, _) in list(self.template_of.items()):
-            if free:
+            if free or not bp.userns:
+                # As root the "holder" is the init, and a killed init is not gone until the pytest
+                # process has reaped the test process it forked into the sandbox (the kernel keeps
+                # PID 1 until every process of its namespace is reaped): never wait for it here.
                 break
             if used_for == key and holder in self.dying:  # its init is killed: gone in a moment
                 os.waitpid(holder, 0)
@@ -452,7 +471,7 @@ class _Workshop:
         try:
             return key, self._new_template(bp, others)
         except _NoTemplates:
-            self.ambient = False  # this host won't let us keep one: holders build, as before
+            self.keeps = False  # this host won't let us keep one: roots are built, as before
             return None
 
     def _new_template(self, bp: Blueprint, others: tuple[int, ...]) -> Template:
@@ -479,7 +498,7 @@ class _Workshop:
             if not answer.get("ok"):
                 raise SetupFailure(answer["step"], answer.get("errno"), answer["message"])
             try:
-                return Template(builder, answer["watched"])
+                return Template(builder, answer["watched"], userns=bp.userns)
             except OSError as exc:
                 raise _NoTemplates(str(exc)) from None
         finally:
@@ -501,22 +520,30 @@ class _Workshop:
         else:
             template.close()
 
-    def _build_here(self, bp: Blueprint, ready: int) -> int:
+    def _build_here(self, bp: Blueprint, ready: int, template: Optional[Template] = None) -> int:
         """Build a sandbox in the factory itself and start its tinyinit (see tinyinit.py): unshare
         every namespace here, spawn the init (PID 1 of the new PID namespace, sharing none of our
         memory), build the root around it — ``pivot_root`` moves the init's root with ours — then
-        give it the go to mount ``/proc`` from inside, and come home. Returns the init's PID."""
+        give it the go to mount ``/proc`` from inside, and come home. With a ``template``, join its
+        mount namespace first: the unshare copies it, and the root is only entered (the host's tree,
+        the memfd tinyinit executes included, is under ``OLD`` until then). Returns the init's PID."""
         assert self.tiny is not None
         flags = _flags(bp)
         go_read, go = os.pipe()
         try:
+            if template is not None:
+                _here("join the template's namespaces", template.join)
             _here("unshare", lambda: libc.unshare(flags))
+            tiny = self.tiny if template is None else OLD + self.tiny
             try:
-                init: int = _here("start the init", lambda: tinyinit.spawn(self.tiny, proc_points(bp.root), go_read, ready))
+                init: int = _here("start the init", lambda: tinyinit.spawn(tiny, proc_points(bp.root), go_read, ready))
             finally:
                 os.close(go_read)
             try:
-                _here("build root", lambda: build_root(bp.root, mount_proc=False))
+                if template is None:
+                    _here("build root", lambda: build_root(bp.root, mount_proc=False))
+                else:
+                    _here("enter the root", enter_root)
                 _name_and_loopback(bp, _here)
             except SetupFailure:
                 _kill(init)
@@ -537,9 +564,15 @@ class _Workshop:
         if it failed at once; else :meth:`finish` answers when the ready pipe is readable."""
         read, write = os.pipe()
         if self._tiny_fits(bp, cgroup, join):
+            kept = self._root_template(bp, (read, *self.building))
             try:
-                init = self._build_here(bp, write)
+                init = self._build_here(bp, write, kept[1] if kept is not None else None)
+                if kept is not None:
+                    self.template_of[init] = kept
+                    kept = None
             except SetupFailure as exc:
+                if kept is not None:
+                    kept[1].close()
                 os.close(read)
                 return {"id": ident, "error": {"step": exc.step, "errno": exc.errno, "message": exc.message}}
             finally:

@@ -1,6 +1,6 @@
 """A built copy-on-write root, kept in a mount namespace of its own and copied by each sandbox.
 
-Rootless, building a root is the bulk of a sandbox's cost: some 45 overlay mounts on a host with
+Building a root is the bulk of a sandbox's cost: rootless some 45 overlay mounts on a host with
 many mounts (each subtree under a locked mount is a layer of its own, see mounts.py), their upper
 and work directories, and at the end as many overlay superblocks to tear down. A template is such
 a root, built once, without the final ``pivot_root``, in a mount namespace of a session user
@@ -13,6 +13,9 @@ an upper layer (a copy-up creates an entry there, an attribute change copies it)
 of the scratch tree (a new name in ``/var``, say). Those are stamped when the template is made and
 compared after its sandbox is gone; a template that differs is dropped, never reused. So is one
 whose filesystems a sandbox remounted read-only (a superblock's flags are shared by every copy).
+
+As root there is no user namespace: a template is a mount namespace only, and the factory itself
+joins it and unshares its copy (see factory._build_here).
 """
 
 from __future__ import annotations
@@ -40,8 +43,9 @@ class Template:
     directories, looked up from that process's root directory (an ``O_PATH`` descriptor: three
     descriptors per template in all), with their stamps."""
 
-    def __init__(self, builder: int, watched: Sequence[str]) -> None:
-        self.ns = Namespaces(builder, libc.CLONE_NEWUSER | libc.CLONE_NEWNS, pidfd=False)
+    def __init__(self, builder: int, watched: Sequence[str], userns: bool = True) -> None:
+        self.flags = (libc.CLONE_NEWUSER if userns else 0) | libc.CLONE_NEWNS
+        self.ns = Namespaces(builder, self.flags, pidfd=False)
         self.paths = [path.lstrip("/") or "." for path in watched]
         try:
             self.root = os.open(f"/proc/{builder}/root", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -55,8 +59,9 @@ class Template:
             raise
 
     def join(self) -> None:
-        """Enter the template's user and mount namespaces (then unshare the mount namespace: a copy)."""
-        self.ns.join(libc.CLONE_NEWUSER | libc.CLONE_NEWNS)
+        """Enter the template's user (rootless) and mount namespaces (then unshare the mount
+        namespace: a copy)."""
+        self.ns.join(self.flags)
 
     def untouched(self) -> bool:
         """Whether nothing was written into the root since the template was made (call when the
