@@ -30,12 +30,18 @@ if TYPE_CHECKING:
     from typing import Sequence
 
 
-def _stamp(root: int, path: str) -> tuple[int, int, int]:
-    st = os.stat(path, dir_fd=root, follow_symlinks=False)
-    # and whether its filesystem is read-only: ``mount -o remount,ro /`` in a sandbox changes the
-    # superblock its copy shares with the template, and no time stamp
-    readonly = os.statvfs(f"/proc/self/fd/{root}/{path}").f_flag & os.ST_RDONLY
-    return st.st_mtime_ns, st.st_ctime_ns, readonly
+def _stamps(root: int, paths: Sequence[str]) -> list[tuple[int, int, int]]:
+    """Each path's mtime and ctime, and whether its filesystem is read-only: ``mount -o remount,ro
+    /`` in a sandbox changes the superblock its copy shares with the template, and no time stamp.
+    One ``statvfs`` per filesystem (rootless, dozens of upper layers share one tmpfs)."""
+    readonly: dict[int, int] = {}
+    stamps = []
+    for path in paths:
+        st = os.stat(path, dir_fd=root, follow_symlinks=False)
+        if st.st_dev not in readonly:
+            readonly[st.st_dev] = os.statvfs(f"/proc/self/fd/{root}/{path}").f_flag & os.ST_RDONLY
+        stamps.append((st.st_mtime_ns, st.st_ctime_ns, readonly[st.st_dev]))
+    return stamps
 
 
 class Template:
@@ -53,7 +59,7 @@ class Template:
             self.ns.close()
             raise
         try:
-            self.stamps = [_stamp(self.root, path) for path in self.paths]
+            self.stamps = _stamps(self.root, self.paths)
         except OSError:
             self.close()
             raise
@@ -67,7 +73,7 @@ class Template:
         """Whether nothing was written into the root since the template was made (call when the
         sandbox that used it is gone: a process still in it could write after the check)."""
         try:
-            return all(_stamp(self.root, path) == stamp for path, stamp in zip(self.paths, self.stamps))
+            return _stamps(self.root, self.paths) == self.stamps
         except OSError:
             return False
 
