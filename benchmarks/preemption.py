@@ -16,8 +16,10 @@ test process (pid neither pytest's nor the factory's; not a process on its way t
 * **blocked**: from a switch out in any other state (S, D) to its next switch in, by where it
   blocked (its top kernel frames).
 
-Switches inside the process's exit (``do_exit`` on the stack) are left out: by then it has said
-"done". Milliseconds per test, medians are not taken (one run per mode; run it twice to see the
+Only the stretch before "done" counts: a test process's first wakeup of the pytest process (its
+write of "done"; ``sched:sched_wakeup`` is recorded too) ends it, and so does its exit
+(``do_exit`` on the stack) where it never woke the pytest process (pytest-forked's waits for
+the exit). Milliseconds per test, medians are not taken (one run per mode; run it twice to see the
 spread). ``--user`` runs pytest as that user (rootless) with a virtualenv it can read.
 """
 
@@ -38,16 +40,19 @@ sys.path.insert(0, HERE)
 from overhead import PROJECT, ensure_venv, make_suite, precompile  # noqa: E402
 
 MODES = {"isolated": ["--isolate"], "forked": ["-p", "no:isolate", "--forked"]}
+WAKEUP = re.compile(r"^\s*\S+\s+(\d+) .*sched:sched_wakeup: comm=.* pid=(\d+) prio=")
 HEADER = re.compile(r"(\d+\.\d+): sched:sched_switch: prev_comm=(.*) prev_pid=(\d+) prev_prio=\d+ "
                     r"prev_state=(\S+) ==> next_comm=(.*) next_pid=(\d+) next_prio=\d+")
 SKIPPED = ("__schedule", "schedule", "schedule_preempt_disabled", "schedule_timeout", "schedule_hrtimeout_range_clock",
            "preempt_schedule_common", "__cond_resched")
-Switch = tuple[float, str, int, str, str, int, list[str]]  # time, prev comm, prev pid, state, next comm, next pid, stack
+# time, prev comm, prev pid, state, next comm, next pid, stack; a wakeup: (time, "", waker, "wakeup", "", wakee, [])
+Switch = tuple[float, str, int, str, str, int, list[str]]
 
 
 def record(python: str, directory: str, args: list[str], out: str, user: str = "") -> None:
     runas = ["runuser", "-u", user, "--"] if user else []
-    cmd = ["perf", "record", "-q", "-a", "-e", "sched:sched_switch", "-g", "-o", out, "--", *runas, python, "-m",
+    cmd = ["perf", "record", "-q", "-a", "-e", "sched:sched_switch", "-e", "sched:sched_wakeup", "-g", "-o", out, "--",
+           *runas, python, "-m",
            "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist", *args]
     proc = subprocess.run(cmd, cwd=directory, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
@@ -59,6 +64,12 @@ def switches(data: str) -> list[Switch]:
     found: list[Switch] = []
     for block in text.split("\n\n"):
         lines = block.strip().split("\n")
+        w = WAKEUP.search(lines[0]) if lines else None
+        if w is not None:
+            t = re.search(r"(\d+\.\d+): sched:", lines[0])
+            if t is not None:
+                found.append((float(t[1]), "", int(w[1]), "wakeup", "", int(w[2]), []))
+            continue
         m = HEADER.search(lines[0]) if lines else None
         if m is None:
             continue
@@ -70,7 +81,7 @@ def switches(data: str) -> list[Switch]:
 def _roles(found: list[Switch]) -> tuple[int, int]:
     """(pytest process, factory): the two Python processes with the most switches, the pytest
     process first to appear (the factory is 0 where there is none)."""
-    counts = collections.Counter(s[2] for s in found if s[1] == "python")
+    counts = collections.Counter(s[2] for s in found if s[1] == "python" and s[3] != "wakeup")
     busy = [pid for pid, n in counts.most_common(2) if n > 50]
     first = {pid: next(i for i, s in enumerate(found) if s[2] == pid) for pid in busy}
     ordered = sorted(busy, key=first.__getitem__)
@@ -95,11 +106,16 @@ def report(mode: str, found: list[Switch], tests: int) -> None:
     preempted: collections.Counter[str] = collections.Counter()
     blocked: collections.Counter[str] = collections.Counter()
     execs = {s[2] for s in found if any(f in ("bprm_execve", "__do_sys_clone3") for f in s[6])}
+    done: set[int] = set()
     for when, comm, pid, state, next_comm, next_pid, stack in found:
+        if state == "wakeup":
+            if next_pid == pytest and pid not in (pytest, factory):
+                done.add(pid)  # its "done": what follows is off the test's path
+            continue
         if next_pid in out:
             since, why, runnable = out.pop(next_pid)
             (preempted if runnable else blocked)[why] += when - since
-        if comm != "python" or pid in (pytest, factory) or pid in execs or "do_exit" in stack:
+        if comm != "python" or pid in (pytest, factory) or pid in execs or pid in done or "do_exit" in stack:
             continue
         runnable = state.startswith("R")
         frames = [f for f in stack if f not in SKIPPED]
