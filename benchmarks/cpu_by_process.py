@@ -25,6 +25,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from typing import Callable, Sequence
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
@@ -40,9 +41,11 @@ KEY_FRAMES = ("copy_process", "exit_mmap", "do_wp_page", "do_anonymous_page", "_
 Sample = tuple[int, str, float, list[str]]
 
 
-def record(python: str, directory: str, args: list[str], out: str, user: str = "") -> None:
+def record(python: str, directory: str, args: list[str], out: str, user: str = "", events: Sequence[str] = ()) -> None:
+    """Run the suite in ``directory`` under ``perf record -a -g`` (with ``events``: ``-e`` each)."""
     runas = ["runuser", "-u", user, "--"] if user else []
-    cmd = ["perf", "record", "-q", "-a", "-g", "-o", out, "--", *runas, python, "-m", "pytest", "-q", "-p",
+    chosen = [arg for event in events for arg in ("-e", event)]
+    cmd = ["perf", "record", "-q", "-a", *chosen, "-g", "-o", out, "--", *runas, python, "-m", "pytest", "-q", "-p",
            "no:cacheprovider", "-p", "no:xdist", *args]
     proc = subprocess.run(cmd, cwd=directory, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
@@ -117,8 +120,10 @@ def report(mode: str, found: list[Sample], tests: int) -> None:
                 print(f"    {key[:56]:<56}{n / per_ms / tests:>7.2f}")
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def perf_main(doc: str, events: Sequence[str], analyse: Callable[[str, str, int], None]) -> int:
+    """The command line of this script and of preemption.py: record the suite once per mode with
+    ``events`` (none: CPU samples) and ``analyse(mode, perf data file, tests)`` each recording."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--tests", type=int, default=300)
     parser.add_argument("--venv", default=os.path.join(PROJECT, ".bench-venv"))
     parser.add_argument("--user", default="", help="run pytest as this user (rootless)")
@@ -128,19 +133,23 @@ def main() -> int:
         raise SystemExit("needs root and perf (Debian: apt-get install linux-perf)")
     python = ensure_venv(args.venv)
     precompile(python, PROJECT)
-    with tempfile.TemporaryDirectory(prefix="isolate-cpu-") as directory:
+    modes = dict(MODES)
+    if args.nocg:
+        modes = {"isolated": MODES["isolated"], "isolated-nocg": ["--isolate", "--isolate-cgroups=off"],
+                 "forked": MODES["forked"]}
+    with tempfile.TemporaryDirectory(prefix="isolate-perf-") as directory:
         make_suite(directory, args.tests)
         if args.user:
             shutil.chown(directory, args.user)
-        modes = dict(MODES)
-        if args.nocg:
-            modes = {"isolated": MODES["isolated"], "isolated-nocg": ["--isolate", "--isolate-cgroups=off"],
-                     "forked": MODES["forked"]}
         for mode, extra in modes.items():
             data = os.path.join(directory, f"{mode}.data")
-            record(python, directory, extra, data, args.user)
-            report(mode, samples(data), args.tests)
+            record(python, directory, extra, data, args.user, events)
+            analyse(mode, data, args.tests)
     return 0
+
+
+def main() -> int:
+    return perf_main(__doc__, (), lambda mode, data, tests: report(mode, samples(data), tests))
 
 
 if __name__ == "__main__":

@@ -25,21 +25,17 @@ spread). ``--user`` runs pytest as that user (rootless) with a virtualenv it can
 
 from __future__ import annotations
 
-import argparse
 import collections
 import os
 import re
-import shutil
 import subprocess
 import sys
-import tempfile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from overhead import PROJECT, ensure_venv, make_suite, precompile  # noqa: E402
+from cpu_by_process import perf_main  # noqa: E402
 
-MODES = {"isolated": ["--isolate"], "forked": ["-p", "no:isolate", "--forked"]}
 WAKEUP = re.compile(r"^\s*\S+\s+(\d+) .*sched:sched_wakeup: comm=.* pid=(\d+) prio=")
 HEADER = re.compile(r"(\d+\.\d+): sched:sched_switch: prev_comm=(.*) prev_pid=(\d+) prev_prio=\d+ "
                     r"prev_state=(\S+) ==> next_comm=(.*) next_pid=(\d+) next_prio=\d+")
@@ -47,16 +43,6 @@ SKIPPED = ("__schedule", "schedule", "schedule_preempt_disabled", "schedule_time
            "preempt_schedule_common", "__cond_resched")
 # time, prev comm, prev pid, state, next comm, next pid, stack; a wakeup: (time, "", waker, "wakeup", "", wakee, [])
 Switch = tuple[float, str, int, str, str, int, list[str]]
-
-
-def record(python: str, directory: str, args: list[str], out: str, user: str = "") -> None:
-    runas = ["runuser", "-u", user, "--"] if user else []
-    cmd = ["perf", "record", "-q", "-a", "-e", "sched:sched_switch", "-e", "sched:sched_wakeup", "-g", "-o", out, "--",
-           *runas, python, "-m",
-           "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist", *args]
-    proc = subprocess.run(cmd, cwd=directory, capture_output=True, text=True, check=False)
-    if proc.returncode != 0:
-        raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
 
 
 def switches(data: str) -> list[Switch]:
@@ -133,29 +119,8 @@ def report(mode: str, found: list[Switch], tests: int) -> None:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tests", type=int, default=300)
-    parser.add_argument("--venv", default=os.path.join(PROJECT, ".bench-venv"))
-    parser.add_argument("--user", default="", help="run pytest as this user (rootless)")
-    parser.add_argument("--nocg", action="store_true", help="also --isolate --isolate-cgroups=off")
-    args = parser.parse_args()
-    if os.getuid() != 0 or not shutil.which("perf"):
-        raise SystemExit("needs root and perf (Debian: apt-get install linux-perf)")
-    python = ensure_venv(args.venv)
-    precompile(python, PROJECT)
-    modes = dict(MODES)
-    if args.nocg:
-        modes = {"isolated": MODES["isolated"], "isolated-nocg": ["--isolate", "--isolate-cgroups=off"],
-                 "forked": MODES["forked"]}
-    with tempfile.TemporaryDirectory(prefix="isolate-preempt-") as directory:
-        make_suite(directory, args.tests)
-        if args.user:
-            shutil.chown(directory, args.user)
-        for mode, extra in modes.items():
-            data = os.path.join(directory, f"{mode}.data")
-            record(python, directory, extra, data, args.user)
-            report(mode, switches(data), args.tests)
-    return 0
+    return perf_main(__doc__, ("sched:sched_switch", "sched:sched_wakeup"),
+                     lambda mode, data, tests: report(mode, switches(data), tests))
 
 
 if __name__ == "__main__":
