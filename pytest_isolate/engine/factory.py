@@ -10,8 +10,9 @@ namespaces, starts the sandbox's **init** — ``tinyinit``, a 400-byte executabl
 ``posix_spawn``, PID 1 of the new PID namespace — builds the root around it, sets the hostname,
 brings ``lo`` up, gives the init the go to mount ``/proc``, and returns to its own namespaces (fds of
 them opened at its start). Mostly it joins a **template** root's mount namespace first (see below)
-and, in its copy of it, only pivots into the root: no overlay to mount. The init reaps orphans and forwards SIGTERM/SIGINT/SIGHUP to PID 2 until it
-is killed. Killing the init ends the PID namespace and every process in it; the factory reaps it.
+and, in its copy of it, only pivots into the root: no overlay to mount. The init reaps orphans and
+forwards SIGTERM/SIGINT/SIGHUP to PID 2 until it is killed. Killing the init ends the PID namespace
+and every process in it; the factory reaps it.
 
 With a user namespace (rootless) the factory can neither point its own children into a new PID
 namespace nor come back from the user namespace, so a **holder** child unshares every namespace
@@ -282,8 +283,9 @@ def _around_tinyinit(bp: Blueprint, ready: int, tiny: str, build: Any) -> NoRetu
 
 
 def _template_builder(bp: Blueprint, ready: int) -> NoReturn:
-    """Build a template root (see linux/template.py) in a fresh user and mount namespace, report
-    the directories to watch, and wait to be killed (the factory first opens what it keeps)."""
+    """Build a template root (see linux/template.py) in a fresh mount namespace (rootless: and user
+    namespace), report the directories to watch, and wait to be killed (the factory first opens
+    what it keeps)."""
     libc.prctl(libc.PR_SET_PDEATHSIG, signal.SIGKILL)
     if bp.userns:
         _step(ready, "unshare", lambda: libc.unshare(libc.CLONE_NEWUSER | libc.CLONE_NEWNS))

@@ -47,7 +47,7 @@ def _stamps(root: int, paths: Sequence[str]) -> list[tuple[int, int, int]]:
 class Template:
     """The namespaces of a template root (from the process that built it) and its watched
     directories, looked up from that process's root directory (an ``O_PATH`` descriptor: three
-    descriptors per template in all), with their stamps."""
+    descriptors per template in all, as root two), with their stamps."""
 
     def __init__(self, builder: int, watched: Sequence[str], userns: bool = True) -> None:
         self.flags = (libc.CLONE_NEWUSER if userns else 0) | libc.CLONE_NEWNS
