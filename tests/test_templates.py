@@ -8,8 +8,9 @@ roots look like one); the filesystem id is random per mount where the kernel has
 overlay with a uuid here, kernel 6.18) and the same for every copy of a template. The writing
 tests write in every way that leaves a different root behind: a new file in an overlay, a mode
 change of an overlay's top directory, a name created and removed again, a new name in a plain
-directory of the scratch tree, the root's filesystem remounted read-only (no write at all, but
-its superblock is the template's); and several writers in a row.
+directory of the scratch tree, the root's filesystem remounted read-only or (rootless, where it is
+the scratch tmpfs) to a 4 MB size (no write at all, but its superblock is the template's); and
+several writers in a row.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ SUITE = """
 import ctypes, json, os, pytest
 
 LOG = {log!r}
-WRITES = ["tmp-file", "tmp-mode", "created-and-removed", "top-level-name", "remount-ro"]
+WRITES = ["tmp-file", "tmp-mode", "created-and-removed", "top-level-name", "remount-ro", "remount-size"]
 MS_RDONLY, MS_REMOUNT = 1, 32
 
 def _seen():
@@ -39,6 +40,9 @@ def _seen():
         seen.append("top-level-name")
     if any(os.statvfs(path).f_flag & os.ST_RDONLY for path in ("/", "/tmp")):
         seen.append("remount-ro")
+    fs = os.statvfs("/tmp")  # an overlay reports its upper layer's filesystem: the scratch tmpfs
+    if fs.f_blocks * fs.f_frsize < 16 << 20:
+        seen.append("remount-size")
     return seen
 
 def _write(kind):
@@ -59,6 +63,11 @@ def _write(kind):
         if libc.mount(None, b"/", None, MS_REMOUNT | MS_RDONLY, None) != 0:
             raise OSError(ctypes.get_errno(), "mount -o remount,ro /")
         assert os.statvfs("/").f_flag & os.ST_RDONLY
+    elif kind == "remount-size":
+        libc = ctypes.CDLL(None, use_errno=True)
+        # rootless "/" is a directory of the scratch tmpfs; as root an overlay, which ignores it
+        if libc.mount(None, b"/", None, MS_REMOUNT, b"size=4m") != 0 or "remount-size" not in _seen():
+            kind = "nothing"
     return kind
 
 # each write followed by a reader; then writers in a row (the factory stops making templates for
@@ -90,9 +99,9 @@ def test_a_written_root_is_never_given_to_another_test(pytester: pytest.Pytester
     log = pytester.path / "log" / "steps.jsonl"
     pytester.makepyfile(SUITE.format(log=str(log)))
     result = run("-p", "no:randomly")
-    result.assert_outcomes(passed=20)
+    result.assert_outcomes(passed=22)
     steps = [json.loads(line) for line in log.read_text().splitlines()]
-    assert [s["index"] for s in steps] == list(range(20))
+    assert [s["index"] for s in steps] == list(range(22))
     assert all(s["seen"] == [] for s in steps), steps  # no test saw another's writes
     for i, writer in enumerate(steps):
         if writer["did"] != "nothing":

@@ -12,7 +12,8 @@ if that sandbox wrote nothing into the root: every write changes the mtime or ct
 an upper layer (a copy-up creates an entry there, an attribute change copies it) or of a directory
 of the scratch tree (a new name in ``/var``, say). Those are stamped when the template is made and
 compared after its sandbox is gone; a template that differs is dropped, never reused. So is one
-whose filesystems a sandbox remounted read-only (a superblock's flags are shared by every copy).
+whose filesystems a sandbox remounted read-only or to another size (a superblock is shared by
+every copy).
 
 As root there is no user namespace: a template is a mount namespace only, and the factory itself
 joins it and unshares its copy (see factory._build_here).
@@ -30,17 +31,19 @@ if TYPE_CHECKING:
     from typing import Sequence
 
 
-def _stamps(root: int, paths: Sequence[str]) -> list[tuple[int, int, int]]:
-    """Each path's mtime and ctime, and whether its filesystem is read-only: ``mount -o remount,ro
-    /`` in a sandbox changes the superblock its copy shares with the template, and no time stamp.
-    One ``statvfs`` per filesystem (rootless, dozens of upper layers share one tmpfs)."""
-    readonly: dict[int, int] = {}
+def _stamps(root: int, paths: Sequence[str]) -> list[tuple[int, int, int, int, int]]:
+    """Each path's mtime and ctime, and its filesystem's flags and size limits: ``mount -o
+    remount,ro /`` (or ``,size=1m``) in a sandbox changes the superblock its copy shares with the
+    template, and no time stamp. One ``statvfs`` per filesystem (rootless, dozens of upper layers
+    share one tmpfs)."""
+    limits: dict[int, tuple[int, int, int]] = {}
     stamps = []
     for path in paths:
         st = os.stat(path, dir_fd=root, follow_symlinks=False)
-        if st.st_dev not in readonly:
-            readonly[st.st_dev] = os.statvfs(f"/proc/self/fd/{root}/{path}").f_flag & os.ST_RDONLY
-        stamps.append((st.st_mtime_ns, st.st_ctime_ns, readonly[st.st_dev]))
+        if st.st_dev not in limits:
+            fs = os.statvfs(f"/proc/self/fd/{root}/{path}")
+            limits[st.st_dev] = (fs.f_flag, fs.f_blocks, fs.f_files)
+        stamps.append((st.st_mtime_ns, st.st_ctime_ns, *limits[st.st_dev]))
     return stamps
 
 
