@@ -5,8 +5,9 @@
 A test process is on the critical path from its fork until it says "done": every moment it is
 runnable but not running lengthens the test. ``cpu_by_process.py`` says how much CPU each process
 burns; this says how much of that lands *in front of* a test process. It runs the generated suite
-of trivial tests under ``perf record -a -e sched:sched_switch -g`` once per mode and, for every
-test process (pid neither pytest's nor the factory's; not a process on its way to ``exec``), adds up:
+of trivial tests under ``perf record -a -e sched:sched_switch -e sched:sched_wakeup -g`` once per
+mode and, for every test process (pid neither pytest's nor the factory's; not a process on its way
+to ``exec``), adds up:
 
 * **preempted**: from a switch out in state R (runnable) to its next switch in, by whoever took
   the core (the pytest process, the factory, sandbox inits, other test processes, or a kernel

@@ -429,17 +429,23 @@ class _Workshop:
         user namespace (not a network's, nor uid 0 with every id mapped)."""
         if not (self.tiny and bp.userns and not bp.control and not bp.network and bp.uid != 0 and not cgroup):
             return False
-        if bp.root.upper_bases or bp.root.layers or not _proc_last(bp.root):
+        if not self._keepable(bp):
             return False
         if self.ambient is None:
             self.ambient = libc.ambient_capabilities()
-        return self.ambient and self.keeps
+        return self.ambient
+
+    def _keepable(self, bp: Blueprint) -> bool:
+        """Whether ``bp``'s root may come from a template, rootless or as root: the host tree (not
+        an image) with its upper layers in memory, ``/proc`` mounted last, on a host that lets us
+        keep a template's namespaces."""
+        return self.keeps and not (bp.root.upper_bases or bp.root.layers) and _proc_last(bp.root)
 
     def _root_template(self, bp: Blueprint, others: tuple[int, ...]) -> Optional[tuple[str, Template]]:
         """As root, for a sandbox built here around a tinyinit (see _tiny_fits): a template root to
-        copy (as rootless), where its upper layers live in memory; else None, and this process
-        builds the root (also when a template could not be made: the build then says why)."""
-        if bp.root.upper_bases or bp.root.layers or not self.keeps:
+        copy (as rootless), see _keepable; else None, and this process builds the root (also when
+        a template could not be made: the build then says why)."""
+        if not self._keepable(bp):
             return None
         try:
             return self._template(bp, others)
@@ -455,11 +461,11 @@ class _Workshop:
         key = json.dumps([bp.uid, bp.gid, asdict(bp.root)], sort_keys=True)
         self.reap()
         free = self.templates.setdefault(key, [])
-        for holder, (used_for, _) in list(self.template_of.items()):
-            if free or not bp.userns:
-                # As root the "holder" is the init, and a killed init is not gone until the pytest
-                # process has reaped the test process it forked into the sandbox (the kernel keeps
-                # PID 1 until every process of its namespace is reaped): never wait for it here.
+        # Not as root: there the "holder" is the init, and a killed init is not gone until the
+        # pytest process has reaped the test process it forked into the sandbox (the kernel keeps
+        # PID 1 until every process of its namespace is reaped), so waiting here could wait forever.
+        for holder, (used_for, _) in list(self.template_of.items()) if bp.userns else ():
+            if free:
                 break
             if used_for == key and holder in self.dying:  # its init is killed: gone in a moment
                 os.waitpid(holder, 0)
@@ -569,9 +575,6 @@ class _Workshop:
             kept = self._root_template(bp, (read, *self.building))
             try:
                 init = self._build_here(bp, write, kept[1] if kept is not None else None)
-                if kept is not None:
-                    self.template_of[init] = kept
-                    kept = None
             except SetupFailure as exc:
                 if kept is not None:
                     kept[1].close()
@@ -579,6 +582,8 @@ class _Workshop:
                 return {"id": ident, "error": {"step": exc.step, "errno": exc.errno, "message": exc.message}}
             finally:
                 os.close(write)
+            if kept is not None:
+                self.template_of[init] = kept  # given back (or dropped) when the init is reaped
             self.building[read] = _Build(ident, bp, init, None, (), tiny=True)
             return None
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET) if bp.control else (None, None)
