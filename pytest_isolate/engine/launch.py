@@ -38,7 +38,7 @@ from .channel import Channel
 from .factory import Blueprint, Factory, Prepared, SetupFailure, join_cgroup
 from .spec import SandboxSpec
 
-__all__ = ["Launcher", "Outcome", "Plan", "SetupFailure"]
+__all__ = ["Launcher", "Outcome", "Plan", "Running", "SetupFailure"]
 
 @dataclass(frozen=True)
 class Plan:
@@ -230,6 +230,21 @@ def _kill(pid: int) -> None:
         pass
 
 
+class Running:
+    """A payload :meth:`Launcher.begin` started: what :meth:`Launcher.finish` waits for and ends."""
+
+    def __init__(self, plan: Plan, outcome: Outcome) -> None:
+        self.plan = plan
+        self.outcome = outcome
+        self.leaf: Optional[Leaf] = None
+        self.sandbox: Optional[Prepared] = None
+        self.pid = 0
+        self.status_fd = -1  # a native relay's report of the payload's wait status
+        self.chan: Optional[Channel] = None  # set while the payload runs; None once it ended (or never ran)
+        self.start = 0.0
+        self.measured = False
+
+
 class Launcher:
     """Runs payloads in sandboxes from one factory, ordering the next sandbox ahead of time."""
 
@@ -245,6 +260,7 @@ class Launcher:
         self.spare: Optional[tuple[Limits, Leaf]] = None  # a leaf made ahead for the next test
         self.retired: list[Leaf] = []  # leaves whose usage is read, to remove
         self.exiting: list[int] = []  # payloads that said they were done, to reap
+        self.running: list[Running] = []  # begun, not yet finished: cancelled at close
 
     def _leaf(self, session: Session, limits: Limits) -> Leaf:
         if self.spare is not None:
@@ -471,61 +487,141 @@ class Launcher:
         With ``limited`` (and a cgroup session) the payload runs in a fresh leaf holding the spec's
         limits, and the outcome's measurement comes from it; otherwise from rusage (estimates).
         """
-        outcome = Outcome(spec=plan.spec if timeout is None else plan.spec.merged(timeout=timeout))
+        return self.finish(self.begin(plan, target, after_start, limited, timeout))
+
+    def begin(self, plan: Plan, target: Callable[[Channel], int], after_start: Optional[Callable[[], None]] = None,
+              limited: bool = True, timeout: Optional[float] = None) -> Running:
+        """The first half of :meth:`launch`: the payload forked and running (or the setup error in
+        the outcome). Follow it with :meth:`finish`, or :meth:`cancel` to kill it unwaited for."""
+        run = Running(plan, Outcome(spec=plan.spec if timeout is None else plan.spec.merged(timeout=timeout)))
         session, _ = self.cgroups() if limited else (None, "")
-        leaf: Optional[Leaf] = None
         try:
             if session is not None:
-                leaf = self._leaf(session, Limits(plan.spec.memory, plan.spec.cpus, plan.spec.pids))
-            sandbox = self._take(plan)
+                run.leaf = self._leaf(session, Limits(plan.spec.memory, plan.spec.cpus, plan.spec.pids))
+            run.sandbox = self._take(plan)
         except (SetupFailure, CgroupError) as exc:
-            outcome.setup_error = exc if isinstance(exc, SetupFailure) else SetupFailure("cgroup limits", None, str(exc))
-            if leaf is not None:
-                self.retired.append(leaf)
-            return outcome
+            run.outcome.setup_error = exc if isinstance(exc, SetupFailure) else SetupFailure("cgroup limits", None, str(exc))
+            if run.leaf is not None:
+                self.retired.append(run.leaf)
+            run.measured = True
+            return run
+        self.running.append(run)
         try:
-            self._supervise(plan, target, sandbox, leaf, outcome, after_start)
-        finally:
-            if leaf is not None:
-                outcome.measurement = from_cgroup(leaf.usage(), outcome.wall)
-                self.retired.append(leaf)  # removed while the next payload runs (or at close)
-            else:
-                outcome.measurement = from_rusage(outcome.rusage, outcome.wall)
-        return outcome
+            self._start(run, target, after_start)
+        except BaseException:
+            self._done(run)
+            raise
+        if run.chan is None:  # nothing runs: its sandbox is released; read its leaf's usage
+            self._done(run)
+        return run
 
-    def _supervise(self, plan: Plan, target: Callable[[Channel], int], sandbox: Prepared, leaf: Optional[Leaf],
-                   outcome: Outcome, after_start: Optional[Callable[[], None]]) -> None:
+    def finish(self, run: Running) -> Outcome:
+        """Wait for a payload :meth:`begin` started, end its sandbox and collect its outcome."""
+        try:
+            if run.chan is not None:
+                self._supervise(run)
+        finally:
+            self._done(run)
+        return run.outcome
+
+    def cancel(self, run: Running) -> None:
+        """Kill a payload :meth:`begin` started and its whole sandbox, without a report: its test
+        is not to run after all (the session stops). Waits for it, so nothing it did goes on."""
+        try:
+            if run.chan is not None:
+                run.outcome.interrupted = True
+                self._stop(run)
+        finally:
+            self._done(run)
+
+    def _done(self, run: Running) -> None:
+        """The run's measurement from its leaf (then retired, removed while the next payload runs or
+        at close) or from rusage."""
+        if run in self.running:
+            self.running.remove(run)
+        if run.measured:
+            return
+        run.measured = True
+        outcome = run.outcome
+        if run.leaf is not None:
+            outcome.measurement = from_cgroup(run.leaf.usage(), outcome.wall)
+            self.retired.append(run.leaf)
+        else:
+            outcome.measurement = from_rusage(outcome.rusage, outcome.wall)
+
+    def _start(self, run: Running, target: Callable[[Channel], int], after_start: Optional[Callable[[], None]]) -> None:
+        plan, sandbox, outcome = run.plan, run.sandbox, run.outcome
+        assert sandbox is not None
         chan = Channel()
         ns = Namespaces(sandbox.init, libc.CLONE_NEWUSER | libc.CLONE_NEWPID | _sandbox_flags(plan))
-        start = time.monotonic()  # the test's clock (timeout, wall) starts now, not while its sandbox was built
-        self.current = (leaf, start)  # what the payload's live_usage() reads (fork copies it)
+        run.start = time.monotonic()  # the test's clock (timeout, wall) starts now, not while its sandbox was built
+        self.current = (run.leaf, run.start)  # what the payload's live_usage() reads (fork copies it)
         # The payload's garbage collections then skip the heap it inherits, instead of touching (and
         # so copying) every page of it. Left alone when the program froze objects itself.
         freeze = gc.get_freeze_count() == 0
         if freeze:
             gc.freeze()
         try:
-            pid, status_fd = self._fork(plan, chan, target, ns, *_join_ways(leaf))
+            run.pid, run.status_fd = self._fork(plan, chan, target, ns, *_join_ways(run.leaf))
         except SetupFailure as exc:
             outcome.setup_error = exc
-            pid = 0
         finally:
             if freeze:
                 gc.unfreeze()
             ns.close()
-        if pid == 0:
-            self.release(sandbox, None)
-            self.current = None
-            chan.close()
+            if run.pid == 0:  # not started (a setup failure, or an error on its way up)
+                self.release(sandbox, None)
+                self.current = None
+                chan.close()
+        if run.pid == 0:
             return
+        run.chan = chan
         try:
             # While the payload starts we only wait: the deferred cgroup work (earlier tests' leaves
             # removed, the next one made) and the next test's order to the factory.
             self._remove_retired(best_effort=True)
             if after_start is not None:
                 after_start()
+        except BaseException:
+            outcome.interrupted = True
+            self._stop(run)
+            raise
+
+    def _stop(self, run: Running) -> None:
+        """Kill the payload and its sandbox, wait for the payload, end the run."""
+        assert run.sandbox is not None
+        try:
+            _kill(run.sandbox.init)
+            _kill(run.pid)
+            os.waitpid(run.pid, 0)
+        finally:
+            self._end(run)
+
+    def _end(self, run: Running) -> None:
+        """After the payload's end: release the sandbox (the leaf is retired by _done, after its usage
+        is read) and read what the payload sent. Once: afterwards ``chan`` is None."""
+        chan = run.chan
+        if chan is None:
+            return
+        run.chan = None
+        assert run.sandbox is not None
+        if run.status_fd >= 0:
+            os.close(run.status_fd)  # a relay still to write gets EPIPE (it blocks every signal)
+            run.status_fd = -1
+        self.release(run.sandbox, None)
+        self.current = None
+        run.outcome.wall = time.monotonic() - run.start
+        try:
+            run.outcome.records = list(chan.records())
+        finally:
+            chan.close()
+
+    def _supervise(self, run: Running) -> None:
+        plan, sandbox, leaf, outcome, pid, chan = run.plan, run.sandbox, run.leaf, run.outcome, run.pid, run.chan
+        assert sandbox is not None and chan is not None
+        try:
             timeout = outcome.spec.timeout if outcome.spec is not None else None
-            ended = _wait(pid, chan.done_fd, None if timeout is None else start + timeout)
+            ended = _wait(pid, chan.done_fd, None if timeout is None else run.start + timeout)
             if ended != "exit":
                 # done: the sandbox's other processes go now, while the payload exits; timeout: all
                 _kill(sandbox.init)
@@ -539,22 +635,13 @@ class Launcher:
                 _, status, outcome.rusage = os.wait4(pid, 0)
                 if not plan.userns:
                     outcome.status = status
-                elif status_fd >= 0:
-                    outcome.status = native_relay.read_status(status_fd)
+                elif run.status_fd >= 0:
+                    outcome.status = native_relay.read_status(run.status_fd)
         except BaseException:
             outcome.interrupted = True
-            _kill(sandbox.init)
-            _kill(pid)
-            os.waitpid(pid, 0)
+            self._stop(run)
             raise
-        finally:
-            if status_fd >= 0:
-                os.close(status_fd)  # a relay still to write gets EPIPE (it blocks every signal)
-            self.release(sandbox, None)  # the leaf is retired by launch(), after its usage is read
-            self.current = None
-            outcome.wall = time.monotonic() - start
-            outcome.records = list(chan.records())
-            chan.close()
+        self._end(run)
         for record in outcome.records:
             if record["kind"] == "exit" and outcome.status is None:
                 outcome.status = record["status"]
@@ -567,6 +654,8 @@ class Launcher:
             outcome.status = None
 
     def close(self) -> None:
+        for run in list(self.running):
+            self.cancel(run)
         self._reap(block=True)  # their sandboxes are killed: they are gone or going
         if self.spare is not None:
             self.retired.append(self.spare[1])
