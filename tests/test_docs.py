@@ -69,7 +69,7 @@ def test_every_ini_key_is_in_the_reference(registered: RecordingParser, referenc
 
 
 def test_every_environment_variable_is_in_the_reference(reference: str) -> None:
-    names = [env_name(name) for name in (*LIMITS, "unavailable", "cgroups")] + ["PYTEST_ISOLATE_MUST_WORK",
+    names = [env_name(name) for name in (*LIMITS, "unavailable", "cgroups", "overlap")] + ["PYTEST_ISOLATE_MUST_WORK",
                                                                                  "PYTEST_ISOLATE_CACHE"]
     assert _missing(names, reference) == []
 

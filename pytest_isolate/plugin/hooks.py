@@ -15,7 +15,7 @@ from ..engine.channel import Channel
 from ..engine.explain import explain
 from ..engine import errors
 from ..engine.host import current_host, disk_upper_dirs
-from ..engine.launch import Launcher, Outcome, Plan
+from ..engine.launch import Launcher, Outcome, Plan, Running
 from ..engine.spec import SandboxSpec, SpecError
 from ..linux.cgroups import Driver, NoneDriver, detect
 from ..linux.probe import Capabilities, probe
@@ -55,6 +55,8 @@ class State:
         self._caps: Optional[Capabilities] = None
         self._driver: Optional[Driver] = None
         self.plans: dict[tuple[SandboxSpec, str, str], Plan] = {}
+        self.ahead: Optional[tuple[pytest.Item, Running]] = None  # the next item's payload, started early
+        self._overlap: Optional[bool] = None
 
     @property
     def caps(self) -> Capabilities:
@@ -75,7 +77,30 @@ class State:
             self._launcher = Launcher(self.driver)
         return self._launcher
 
+    @property
+    def overlap(self) -> bool:
+        """Whether tests may overlap in this session (see _overlap): asked for, and nothing in the
+        pytest process that a test process forked early could miss."""
+        if self._overlap is None:
+            self._overlap = self.settings.overlap and _overlap_safe(self.config)
+        return self._overlap
+
+    def take_ahead(self, item: pytest.Item) -> Optional[Running]:
+        """The payload started early for ``item``, if any; one started for another item is cancelled."""
+        if self.ahead is not None and self.ahead[0] is item:
+            run, self.ahead = self.ahead[1], None
+            return run
+        self.cancel_ahead()
+        return None
+
+    def cancel_ahead(self) -> None:
+        """Kill the payload started early, if any: its test is not to run (now)."""
+        ahead, self.ahead = self.ahead, None
+        if ahead is not None:
+            self.launcher.cancel(ahead[1])
+
     def close(self) -> None:
+        self.cancel_ahead()
         if self._launcher is not None:
             self._launcher.close()
             self._launcher = None
@@ -216,7 +241,10 @@ def _limits(spec: SandboxSpec) -> str:
     return ", ".join(asked)
 
 
-def _starter(item: pytest.Item, nextitem: Optional[pytest.Item], spec: SandboxSpec, limited: bool) -> Callable[[Callable[[Channel], int]], Outcome]:
+def _starter(item: pytest.Item, nextitem: Optional[pytest.Item], spec: SandboxSpec, limited: bool,
+             ahead: Optional[Running] = None) -> Callable[[Callable[[Channel], int]], Outcome]:
+    """How run_item starts the item's payload: launched now, or, if it was started early
+    (``ahead``), waited for."""
     launcher = _state(item.config).launcher
     plan = _plan(item, spec)
     upcoming = nextitem.stash.get(SPEC_KEY, None) if nextitem is not None else None
@@ -228,9 +256,88 @@ def _starter(item: pytest.Item, nextitem: Optional[pytest.Item], spec: SandboxSp
     timeout = _effective_timeout(item, spec)
 
     def start(target: Callable[[Channel], int]) -> Outcome:
+        if ahead is not None:
+            order_next()  # the sandbox ordered when it started was for a guess (see _overlap)
+            return launcher.finish(ahead)
         return launcher.launch(plan, target, after_start=order_next, limited=limited, timeout=timeout)
 
     return start
+
+
+OVERLAP_SAFE_WRAPPERS = ("_pytest.", "pytest_timeout")  # see _overlap_safe
+
+
+def _overlap_safe(config: pytest.Config) -> bool:
+    """Whether a test process forked before the test's turn would see what it would see on its turn,
+    and the test would be run by us.
+
+    Not if a plugin or conftest wraps each test's protocol (a ``pytest_runtest_protocol`` wrapper)
+    other than pytest's own (their per-item context depends only on the item's path and
+    ``filterwarnings`` marks, which _overlap compares) and pytest-timeout's (it sets no timer for
+    isolated tests, see pytest_timeout_set_timer); nor if a protocol hook called before ours could
+    take a test over (pytest-forked's does, with ``--forked``; _overlap checks its mark); nor if the
+    test's output or a debugger reaches the terminal (``-s``, ``--pdb``, ``--trace``, live logging,
+    ``--setup-show``), where it would interleave with the previous test's report."""
+    impls = config.pluginmanager.hook.pytest_runtest_protocol.get_hookimpls()
+    wrappers = [impl for impl in impls if impl.hookwrapper or getattr(impl, "wrapper", False)]
+    plain = [impl for impl in impls if impl not in wrappers]
+    ours = [k for k, impl in enumerate(plain) if impl.function is pytest_runtest_protocol]
+    if not ours:
+        return False
+    for impl in wrappers:
+        if not str(getattr(impl.function, "__module__", "")).startswith(OVERLAP_SAFE_WRAPPERS):
+            return False
+    for impl in plain[ours[0] + 1:]:  # called before ours (pluggy calls the list from its end)
+        if str(getattr(impl.function, "__module__", "")) != "pytest_forked" or config.getvalue("forked"):
+            return False
+    option = config.option
+    if getattr(option, "capture", "fd") == "no" or getattr(option, "usepdb", False) or getattr(option, "trace", False):
+        return False
+    if any(getattr(option, name, False) for name in ("setupshow", "setuponly", "setupplan")):
+        return False
+    return not (getattr(option, "log_cli_level", None) is not None or config.getini("log_cli"))
+
+
+def _warning_marks(item: pytest.Item) -> list[tuple[Any, ...]]:
+    return [(mark.args, sorted(mark.kwargs.items())) for mark in item.iter_markers(name="filterwarnings")]
+
+
+def _overlap(item: pytest.Item, nextitem: Optional[pytest.Item], state: State) -> Optional[Callable[[], None]]:
+    """How to start ``nextitem``'s payload while ``item``'s reports are logged (None: it can't be).
+
+    Logging a test's reports takes the pytest process about a millisecond, in which the next test's
+    sandbox is ready and a core is free: its test process is forked then, and the next call of our
+    protocol hook only waits for it. The test process is a copy of the pytest process as of that
+    moment, which differs from the one at the test's turn only in what reporting hooks
+    (``pytest_runtest_logreport``, ``logfinish``, ``logstart``) do with the reports of the test before.
+    The test's own hooks and fixtures run in its process as always. Overlap needs: the session's
+    consent (State.overlap), the next item isolated and isolable here, in the same module (or class)
+    with nothing to set up for it in the pytest process, and the same ``filterwarnings`` marks (the
+    warning filters in effect at the fork are the item's). run_item adds that the item did not fail.
+    """
+    if nextitem is None or not state.overlap:
+        return None
+    spec = nextitem.stash.get(SPEC_KEY, None)
+    if spec is None or nextitem.get_closest_marker("forked") is not None or _warning_marks(item) != _warning_marks(nextitem):
+        return None
+
+    def start_next() -> None:
+        assert nextitem is not None and spec is not None
+        if _unavailable(nextitem, spec, state) is not None or protocol._outer_setup_needed(nextitem):
+            return
+        if hasattr(nextitem, "_request") and not nextitem._request:
+            nextitem._initrequest()  # type: ignore[attr-defined]
+        plan = _plan(nextitem, spec)
+        launcher = state.launcher
+
+        def order_guess() -> None:
+            launcher.prepare(plan)  # the item after is most likely alike; its hook corrects that
+
+        run = launcher.begin(plan, lambda chan: protocol._sandboxed_protocol(nextitem, chan), after_start=order_guess,
+                             timeout=_effective_timeout(nextitem, spec))
+        state.ahead = (nextitem, run)
+
+    return start_next
 
 
 def _decorator(item: pytest.Item) -> Callable[[list[pytest.TestReport], Outcome], None]:
@@ -281,12 +388,21 @@ def _refuse(item: pytest.Item, reason: str, policy: str) -> None:
 @pytest.hookimpl(tryfirst=True)
 def pytest_runtest_protocol(item: pytest.Item, nextitem: Optional[pytest.Item]) -> Optional[bool]:
     spec = item.stash.get(SPEC_KEY, None)
-    if spec is None or protocol.IN_SANDBOX:
+    if protocol.IN_SANDBOX:
         return None
     state = _state(item.config)
+    ahead = state.take_ahead(item)
+    if spec is None:
+        return None
+    if ahead is not None and protocol._outer_setup_needed(item):
+        state.launcher.cancel(ahead)  # something changed since it started: start it afresh
+        ahead = None
     reason = _unavailable(item, spec, state)
     limited = True
     if reason is not None:
+        if ahead is not None:
+            state.launcher.cancel(ahead)
+            ahead = None
         policy = state.settings.policy
         if policy != "degrade":
             _refuse(item, reason, policy)
@@ -300,8 +416,11 @@ def pytest_runtest_protocol(item: pytest.Item, nextitem: Optional[pytest.Item]) 
             return None  # run it as a plain test: nothing to sandbox with
         limited = False
     item.ihook.pytest_runtest_logstart(nodeid=item.nodeid, location=item.location)
-    protocol.run_item(item, nextitem, _starter(item, nextitem, spec, limited), explain, _decorator(item))
+    protocol.run_item(item, nextitem, _starter(item, nextitem, spec, limited, ahead), explain, _decorator(item),
+                      _overlap(item, nextitem, state) if limited else None)
     item.ihook.pytest_runtest_logfinish(nodeid=item.nodeid, location=item.location)
+    if item.session.shouldfail or item.session.shouldstop:
+        state.cancel_ahead()  # the session ends here: the next test must not run
     return True
 
 

@@ -30,6 +30,11 @@ CGROUPS_HELP = (
     "auto (default): give each isolated test a cgroup leaf where the host allows (limits, exact "
     "accounting); off: never use cgroups (no limits; figures are estimates; a little faster)"
 )
+OVERLAP_MODES = ("on", "off")
+OVERLAP_HELP = (
+    "on (default): start the next isolated test's process while this test's reports are logged, where "
+    "nothing in the pytest process stands between the two tests; off: one test after the other"
+)
 JSON_HELP = "write every isolated test's usage (and a header describing the host) to this JSON file"
 TOP_HELP = "show the N isolated tests that used the most memory and the most CPU (0: all)"
 
@@ -47,6 +52,8 @@ def add_options(parser: pytest.Parser) -> None:
     parser.addini("isolate_unavailable", UNAVAILABLE_HELP, default=None)
     group.addoption("--isolate-cgroups", dest="isolate_cgroups", choices=CGROUP_MODES, default=None, help=CGROUPS_HELP)
     parser.addini("isolate_cgroups", CGROUPS_HELP, default=None)
+    group.addoption("--isolate-overlap", dest="isolate_overlap", choices=OVERLAP_MODES, default=None, help=OVERLAP_HELP)
+    parser.addini("isolate_overlap", OVERLAP_HELP, default=None)
     group.addoption("--isolate-json", dest="isolate_json", default=None, metavar="PATH", help=JSON_HELP)
     group.addoption("--isolate-top", dest="isolate_top", type=int, default=None, metavar="N", help=TOP_HELP)
 
@@ -81,6 +88,7 @@ class Settings:
     defaults: SandboxSpec
     policy: str
     cgroups: str = "auto"
+    overlap: bool = True
 
 
 def read_settings(config: pytest.Config) -> Settings:
@@ -95,4 +103,7 @@ def read_settings(config: pytest.Config) -> Settings:
     cgroups, where = _lookup(config, "cgroups")
     if cgroups is not None and cgroups not in CGROUP_MODES:
         raise SpecError(f"cgroups={cgroups!r} {where}: expected one of {', '.join(CGROUP_MODES)}")
-    return Settings(spec, policy or "fail", cgroups or "auto")
+    overlap, where = _lookup(config, "overlap")
+    if overlap is not None and overlap not in OVERLAP_MODES:
+        raise SpecError(f"overlap={overlap!r} {where}: expected one of {', '.join(OVERLAP_MODES)}")
+    return Settings(spec, policy or "fail", cgroups or "auto", overlap != "off")

@@ -207,8 +207,13 @@ def _merge_teardown(item: pytest.Item, sandbox: Optional[pytest.TestReport], out
 
 
 def run_item(item: pytest.Item, nextitem: Optional[pytest.Item], start: Callable[[Callable[[Channel], int]], Outcome],
-             hint: Callable[[Any], str], decorate: Callable[[list[pytest.TestReport], Outcome], None]) -> None:
-    """The whole protocol for one isolated item; logs its reports like ``runtestprotocol``."""
+             hint: Callable[[Any], str], decorate: Callable[[list[pytest.TestReport], Outcome], None],
+             start_next: Optional[Callable[[], None]] = None) -> None:
+    """The whole protocol for one isolated item; logs its reports like ``runtestprotocol``.
+
+    ``start_next`` starts the next item's sandbox (see hooks._overlap); it is called before this
+    item's reports are logged, if nothing is left to do in the pytest process between the two
+    items (no setup or teardown here) and the item did not fail (``-x`` may stop the session)."""
     ihook = item.ihook
     log = ihook.pytest_runtest_logreport
     if hasattr(item, "_request") and not item._request:
@@ -222,6 +227,9 @@ def run_item(item: pytest.Item, nextitem: Optional[pytest.Item], start: Callable
             return
     outcome = start(lambda chan: _sandboxed_protocol(item, chan))
     reports = child_reports(item, outcome, hint)
+    if (start_next is not None and setup is None and not any(r.failed for r in reports)
+            and not _outer_teardown_needed(item, nextitem)):
+        start_next()
     if setup is not None:
         reports[0].sections = list(setup.sections) + list(reports[0].sections)
     sandbox_teardown = reports.pop() if reports[-1].when == "teardown" else None
