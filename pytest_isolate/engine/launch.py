@@ -481,13 +481,14 @@ class Launcher:
             self.retired.append(leaf)
 
     def launch(self, plan: Plan, target: Callable[[Channel], int], after_start: Optional[Callable[[], None]] = None,
-               limited: bool = True, timeout: Optional[float] = None) -> Outcome:
+               limited: bool = True, timeout: Optional[float] = None, on_done: Optional[Callable[[bool], None]] = None) -> Outcome:
         """Run ``target`` as PID 2 of a sandbox for ``plan``; wait (with ``timeout``, default the spec's).
 
         With ``limited`` (and a cgroup session) the payload runs in a fresh leaf holding the spec's
         limits, and the outcome's measurement comes from it; otherwise from rusage (estimates).
+        ``on_done``: see :meth:`finish`.
         """
-        return self.finish(self.begin(plan, target, after_start, limited, timeout))
+        return self.finish(self.begin(plan, target, after_start, limited, timeout), on_done)
 
     def begin(self, plan: Plan, target: Callable[[Channel], int], after_start: Optional[Callable[[], None]] = None,
               limited: bool = True, timeout: Optional[float] = None) -> Running:
@@ -515,11 +516,14 @@ class Launcher:
             self._done(run)
         return run
 
-    def finish(self, run: Running) -> Outcome:
-        """Wait for a payload :meth:`begin` started, end its sandbox and collect its outcome."""
+    def finish(self, run: Running, on_done: Optional[Callable[[bool], None]] = None) -> Outcome:
+        """Wait for a payload :meth:`begin` started, end its sandbox and collect its outcome.
+
+        ``on_done(failed)`` is called as soon as the payload says it is done (not if it crashes or
+        times out), before anything else: its records are read and its cgroup leaf after it."""
         try:
             if run.chan is not None:
-                self._supervise(run)
+                self._supervise(run, on_done)
         finally:
             self._done(run)
         return run.outcome
@@ -609,16 +613,18 @@ class Launcher:
             os.close(run.status_fd)  # a relay still to write gets EPIPE (it blocks every signal)
             run.status_fd = -1
         self.release(run.sandbox, None)
-        self.current = None
+        if self.current == (run.leaf, run.start):
+            self.current = None  # (a payload begun in on_done has its own by now)
         run.outcome.wall = time.monotonic() - run.start
         try:
             run.outcome.records = list(chan.records())
         finally:
             chan.close()
 
-    def _supervise(self, run: Running) -> None:
+    def _supervise(self, run: Running, on_done: Optional[Callable[[bool], None]]) -> None:
         plan, sandbox, leaf, outcome, pid, chan = run.plan, run.sandbox, run.leaf, run.outcome, run.pid, run.chan
         assert sandbox is not None and chan is not None
+        ended = ""
         try:
             timeout = outcome.spec.timeout if outcome.spec is not None else None
             ended = _wait(pid, chan.done_fd, None if timeout is None else run.start + timeout)
@@ -641,7 +647,11 @@ class Launcher:
             outcome.interrupted = True
             self._stop(run)
             raise
-        self._end(run)
+        try:
+            if ended == "done" and on_done is not None:
+                on_done(chan.failed_before_done())
+        finally:
+            self._end(run)
         for record in outcome.records:
             if record["kind"] == "exit" and outcome.status is None:
                 outcome.status = record["status"]

@@ -242,7 +242,7 @@ def _limits(spec: SandboxSpec) -> str:
 
 
 def _starter(item: pytest.Item, nextitem: Optional[pytest.Item], spec: SandboxSpec, limited: bool,
-             ahead: Optional[Running] = None) -> Callable[[Callable[[Channel], int]], Outcome]:
+             ahead: Optional[Running] = None) -> protocol.Starter:
     """How run_item starts the item's payload: launched now, or, if it was started early
     (``ahead``), waited for."""
     launcher = _state(item.config).launcher
@@ -255,11 +255,11 @@ def _starter(item: pytest.Item, nextitem: Optional[pytest.Item], spec: SandboxSp
 
     timeout = _effective_timeout(item, spec)
 
-    def start(target: Callable[[Channel], int]) -> Outcome:
+    def start(target: Callable[[Channel], int], on_done: Optional[Callable[[bool], None]]) -> Outcome:
         if ahead is not None:
             order_next()  # the sandbox ordered when it started was for a guess (see _overlap)
-            return launcher.finish(ahead)
-        return launcher.launch(plan, target, after_start=order_next, limited=limited, timeout=timeout)
+            return launcher.finish(ahead, on_done)
+        return launcher.launch(plan, target, after_start=order_next, limited=limited, timeout=timeout, on_done=on_done)
 
     return start
 

@@ -206,14 +206,19 @@ def _merge_teardown(item: pytest.Item, sandbox: Optional[pytest.TestReport], out
     return sandbox
 
 
-def run_item(item: pytest.Item, nextitem: Optional[pytest.Item], start: Callable[[Callable[[Channel], int]], Outcome],
-             hint: Callable[[Any], str], decorate: Callable[[list[pytest.TestReport], Outcome], None],
+Starter = Callable[[Callable[[Channel], int], Optional[Callable[[bool], None]]], Outcome]
+
+
+def run_item(item: pytest.Item, nextitem: Optional[pytest.Item], start: Starter, hint: Callable[[Any], str],
+             decorate: Callable[[list[pytest.TestReport], Outcome], None],
              start_next: Optional[Callable[[], None]] = None) -> None:
     """The whole protocol for one isolated item; logs its reports like ``runtestprotocol``.
 
-    ``start_next`` starts the next item's sandbox (see hooks._overlap); it is called before this
-    item's reports are logged, if nothing is left to do in the pytest process between the two
-    items (no setup or teardown here) and the item did not fail (``-x`` may stop the session)."""
+    ``start(target, on_done)`` runs ``target`` in the item's sandbox and calls ``on_done(failed)``
+    as soon as the sandbox says it is done. ``start_next`` starts the next item's test process (see
+    hooks._overlap): called then, before this item's records are even read, if nothing is left to
+    do in the pytest process between the two items (no setup or teardown here) and no report of
+    this item failed (``-x`` may stop the session after it)."""
     ihook = item.ihook
     log = ihook.pytest_runtest_logreport
     if hasattr(item, "_request") and not item._request:
@@ -225,11 +230,14 @@ def run_item(item: pytest.Item, nextitem: Optional[pytest.Item], start: Callable
             log(report=setup)
             log(report=_merge_teardown(item, None, _outer_teardown(item, nextitem, True)))
             return
-    outcome = start(lambda chan: _sandboxed_protocol(item, chan))
+    on_done = None
+    if start_next is not None and setup is None and not _outer_teardown_needed(item, nextitem):
+        def on_done(failed: bool) -> None:
+            if not failed:
+                start_next()
+
+    outcome = start(lambda chan: _sandboxed_protocol(item, chan), on_done)
     reports = child_reports(item, outcome, hint)
-    if (start_next is not None and setup is None and not any(r.failed for r in reports)
-            and not _outer_teardown_needed(item, nextitem)):
-        start_next()
     if setup is not None:
         reports[0].sections = list(setup.sections) + list(reports[0].sections)
     sandbox_teardown = reports.pop() if reports[-1].when == "teardown" else None

@@ -19,6 +19,8 @@ from ..engine.errors import signal_name
 def send_report(chan: Channel, config: pytest.Config, report: pytest.TestReport) -> None:
     data = config.hook.pytest_report_to_serializable(config=config, report=report)
     chan.send("report", data=data)
+    if report.failed:
+        chan.failed = True
 
 
 def load_report(config: pytest.Config, data: dict[str, Any]) -> pytest.TestReport:
