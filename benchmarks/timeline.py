@@ -25,6 +25,8 @@ timed too. Printed: the median of each step in each mode (microseconds), their s
 between test starts, and the difference. ``--nocg`` adds ``--isolate --isolate-cgroups=off``. ``--rounds`` alternates the modes and takes medians over
 all tests of all rounds. Stamps cost a few microseconds each; compare modes, not absolutes.
 Uses ``overhead.py``'s virtualenv (pytest 8.4, pytest-forked); ``--user`` as in ``ab.py``.
+The conftest's ``pytest_runtest_protocol`` wrapper turns overlapping tests off (see
+``--isolate-overlap`` in the reference), so the steps are those of one test after the other.
 """
 
 from __future__ import annotations

@@ -117,10 +117,10 @@ def test_a_plugin_wrapping_each_test_turns_overlap_off(pytester: pytest.Pytester
         """
         import os, pytest
 
-        @pytest.hookimpl(wrapper=True)
+        @pytest.hookimpl(hookwrapper=True)
         def pytest_runtest_protocol(item):
             os.environ["CURRENT_TEST"] = item.name
-            return (yield)
+            yield
         """
     )
     pytester.makepyfile(

@@ -303,11 +303,12 @@ def _warning_marks(item: pytest.Item) -> list[tuple[Any, ...]]:
 
 
 def _overlap(item: pytest.Item, nextitem: Optional[pytest.Item], state: State) -> Optional[Callable[[], None]]:
-    """How to start ``nextitem``'s payload while ``item``'s reports are logged (None: it can't be).
+    """How to start ``nextitem``'s payload before ``item``'s reports are read and logged (None: it
+    can't be).
 
-    Logging a test's reports takes the pytest process about a millisecond, in which the next test's
-    sandbox is ready and a core is free: its test process is forked then, and the next call of our
-    protocol hook only waits for it. The test process is a copy of the pytest process as of that
+    Reading and logging a test's reports takes the pytest process about 1.5 ms, in which the next
+    test's sandbox is ready and a core is free: its test process is forked as soon as ``item``'s
+    says it is done (run_item), and the next call of our protocol hook only waits for it. The test process is a copy of the pytest process as of that
     moment, which differs from the one at the test's turn only in what reporting hooks
     (``pytest_runtest_logreport``, ``logfinish``, ``logstart``) do with the reports of the test before.
     The test's own hooks and fixtures run in its process as always. Overlap needs: the session's
