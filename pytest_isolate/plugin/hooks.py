@@ -324,18 +324,21 @@ def _overlap(item: pytest.Item, nextitem: Optional[pytest.Item], state: State) -
 
     def start_next() -> None:
         assert nextitem is not None and spec is not None
-        if _unavailable(nextitem, spec, state) is not None or protocol._outer_setup_needed(nextitem):
+        try:
+            if _unavailable(nextitem, spec, state) is not None or protocol._outer_setup_needed(nextitem):
+                return
+            if hasattr(nextitem, "_request") and not nextitem._request:
+                nextitem._initrequest()  # type: ignore[attr-defined]
+            plan = _plan(nextitem, spec)
+            launcher = state.launcher
+
+            def order_guess() -> None:
+                launcher.prepare(plan)  # the item after is most likely alike; its hook corrects that
+
+            run = launcher.begin(plan, lambda chan: protocol._sandboxed_protocol(nextitem, chan),
+                                 after_start=order_guess, timeout=_effective_timeout(nextitem, spec))
+        except Exception:  # noqa: BLE001 - it starts on its turn instead, where the error reaches its report
             return
-        if hasattr(nextitem, "_request") and not nextitem._request:
-            nextitem._initrequest()  # type: ignore[attr-defined]
-        plan = _plan(nextitem, spec)
-        launcher = state.launcher
-
-        def order_guess() -> None:
-            launcher.prepare(plan)  # the item after is most likely alike; its hook corrects that
-
-        run = launcher.begin(plan, lambda chan: protocol._sandboxed_protocol(nextitem, chan), after_start=order_guess,
-                             timeout=_effective_timeout(nextitem, spec))
         state.ahead = (nextitem, run)
 
     return start_next
