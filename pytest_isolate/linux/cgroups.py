@@ -417,6 +417,8 @@ def cpu_quota_us(cpus: float) -> int:
 class Leaf(ABC):
     """One cgroup (v1: one per hierarchy) that holds exactly one sandbox's processes."""
 
+    gone = False  # removed (by remove or a successful try_remove): the session forgets it
+
     path: str
 
     @abstractmethod

@@ -161,13 +161,15 @@ class V1Leaf(Leaf):
 
     def try_remove(self) -> bool:
         self.opened.close()
-        return cg.try_rmdir(self.fs, self.distinct_dirs())
+        self.gone = cg.try_rmdir(self.fs, self.distinct_dirs())
+        return self.gone
 
     def remove(self) -> None:
         self.opened.close()
         if self.pids():
             self.kill()
         cg.raise_first(cg.each(functools.partial(cg.rmdir_tree, self.fs, d) for d in self.distinct_dirs()))
+        self.gone = True
 
 
 # ---------------------------------------------------------------- session
@@ -199,11 +201,12 @@ class V1Session(Session):
         except CgroupError:
             leaf.remove()
             raise
+        self._leaves = [kept for kept in self._leaves if not kept.gone]  # removed ones are forgotten
         self._leaves.append(leaf)
         return leaf
 
     def remove(self) -> None:
-        errors = cg.each(functools.partial(cg.remove_leaf, leaf) for leaf in self._leaves)
+        errors = cg.each(functools.partial(cg.remove_leaf, leaf) for leaf in self._leaves if not leaf.gone)
         errors += cg.each(functools.partial(_destroy, self.fs, p) for p in sorted(set(self.paths.values())))
         cg.raise_first(errors)
 

@@ -153,13 +153,15 @@ class V2Leaf(Leaf):
 
     def try_remove(self) -> bool:
         self.opened.close()
-        return cg.try_rmdir(self.fs, [self.path])
+        self.gone = cg.try_rmdir(self.fs, [self.path])
+        return self.gone
 
     def remove(self) -> None:
         self.opened.close()
         if self.pids():
             self.kill()
         cg.rmdir_tree(self.fs, self.path)
+        self.gone = True
 
 
 # ---------------------------------------------------------------- session
@@ -190,11 +192,12 @@ class V2Session(Session):
             leaf.remove()
             raise
         leaf.open_usage_files()
+        self._leaves = [kept for kept in self._leaves if not kept.gone]  # removed ones are forgotten
         self._leaves.append(leaf)
         return leaf
 
     def remove(self) -> None:
-        errors = cg.each(functools.partial(cg.remove_leaf, leaf) for leaf in self._leaves)
+        errors = cg.each(functools.partial(cg.remove_leaf, leaf) for leaf in self._leaves if not leaf.gone)
         errors += cg.each([lambda: destroy(self.fs, self.path), lambda: restore_own(self.fs, self.own)])
         cg.raise_first(errors)
 
