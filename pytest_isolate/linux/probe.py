@@ -47,8 +47,9 @@ class Capabilities:
                 return feature
         raise KeyError(name)
 
-    @property
+    @functools.cached_property
     def full(self) -> bool:
+        """Every required feature works (asked twice per isolated test: computed once)."""
         return all(f.ok for f in self.features if f.required)
 
     @property
