@@ -308,13 +308,14 @@ def _overlap(item: pytest.Item, nextitem: Optional[pytest.Item], state: State) -
 
     Reading and logging a test's reports takes the pytest process about 1.5 ms, in which the next
     test's sandbox is ready and a core is free: its test process is forked as soon as ``item``'s
-    says it is done (run_item), and the next call of our protocol hook only waits for it. The test process is a copy of the pytest process as of that
-    moment, which differs from the one at the test's turn only in what reporting hooks
-    (``pytest_runtest_logreport``, ``logfinish``, ``logstart``) do with the reports of the test before.
-    The test's own hooks and fixtures run in its process as always. Overlap needs: the session's
-    consent (State.overlap), the next item isolated and isolable here, in the same module (or class)
-    with nothing to set up for it in the pytest process, and the same ``filterwarnings`` marks (the
-    warning filters in effect at the fork are the item's). run_item adds that the item did not fail.
+    says it is done (run_item), and the next call of our protocol hook only waits for it. The test
+    process is a copy of the pytest process as of that moment, which differs from the one at the
+    test's turn only in what reporting hooks (``pytest_runtest_logreport``, ``logfinish``,
+    ``logstart``) do with the reports of the test before. The test's own hooks and fixtures run in
+    its process as always. Overlap needs: the session's consent (State.overlap), the next item
+    isolated and isolable here, in the same module (or class) with nothing to set up for it in the
+    pytest process, and the same ``filterwarnings`` marks (the warning filters in effect at the fork
+    are the item's). run_item adds that the item's process sent no failed report.
     """
     if nextitem is None or not state.overlap:
         return None
