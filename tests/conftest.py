@@ -83,3 +83,34 @@ def read_json(path: Any) -> dict[str, Any]:
     with open(path) as f:
         data: dict[str, Any] = json.load(f)
     return data
+
+
+def processes_with(token: str) -> list[Any]:
+    """Every process whose command line contains ``token`` (a sleeper a test left behind)."""
+    import psutil
+
+    return [p for p in psutil.process_iter(["cmdline"]) if token in " ".join(p.info["cmdline"] or [])]
+
+
+def interrupt_once_started(pytester: pytest.Pytester, started: Any, check: Callable[[], None] = lambda: None) -> tuple[bytes, int]:
+    """Run pytest in ``pytester``'s directory, send it SIGINT (Ctrl-C) once file ``started``
+    exists (after ``check()``), and return its output and exit status."""
+    import signal
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "pytest", "-p", "no:cacheprovider"], cwd=pytester.path,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 60
+        while not started.exists():
+            assert time.monotonic() < deadline, "the isolated test never started"
+            time.sleep(0.05)
+        check()
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    time.sleep(0.2)  # the sandbox's processes: killed, maybe not yet reaped
+    return out, proc.returncode

@@ -2,24 +2,11 @@
 
 from __future__ import annotations
 
-import signal
-import subprocess
-import sys
-import time
 import uuid
 
-import psutil
 import pytest
 
-from conftest import Runner
-
-
-def _processes_with(token: str) -> list[psutil.Process]:
-    found = []
-    for proc in psutil.process_iter(["cmdline"]):
-        if token in " ".join(proc.info["cmdline"] or []):
-            found.append(proc)
-    return found
+from conftest import Runner, interrupt_once_started, processes_with
 
 
 def _overlay_mounts() -> int:
@@ -47,7 +34,7 @@ def test_daemons_die_with_the_test(pytester: pytest.Pytester, run: Runner) -> No
     )
     before = _overlay_mounts()
     run().assert_outcomes(passed=1)
-    assert _processes_with(token) == []
+    assert processes_with(token) == []
     assert _overlay_mounts() == before
 
 
@@ -66,22 +53,10 @@ def test_ctrl_c_mid_test_kills_the_sandbox(pytester: pytest.Pytester, isolation_
             time.sleep(600)
         """
     )
-    proc = subprocess.Popen([sys.executable, "-m", "pytest", "-p", "no:cacheprovider"], cwd=pytester.path,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 60
-        while not started.exists():
-            assert time.monotonic() < deadline, "the isolated test never started"
-            time.sleep(0.05)
-        assert _processes_with(token), "the sandbox's sleep should be running"
-        proc.send_signal(signal.SIGINT)
-        out, _ = proc.communicate(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert b"KeyboardInterrupt" in out, out.decode()
-    assert proc.returncode == pytest.ExitCode.INTERRUPTED
-    time.sleep(0.2)
-    assert _processes_with(token) == []
+    def sleeping() -> None:
+        assert processes_with(token), "the sandbox's sleep should be running"
 
+    out, status = interrupt_once_started(pytester, started, sleeping)
+    assert b"KeyboardInterrupt" in out, out.decode()
+    assert status == pytest.ExitCode.INTERRUPTED
+    assert processes_with(token) == []

@@ -8,16 +8,12 @@ a test started early is running.
 from __future__ import annotations
 
 import json
-import signal
-import subprocess
-import sys
 import time
 import uuid
 
-import psutil
 import pytest
 
-from conftest import Runner
+from conftest import Runner, interrupt_once_started, processes_with
 
 # The conftest counts, in the pytest process, the reports logged for test_a; test_b writes down how
 # many its process saw: a copy of the pytest process forked before they were logged sees none. (A
@@ -157,10 +153,6 @@ def test_after_a_failure_with_x_nothing_else_runs(pytester: pytest.Pytester, run
     assert sorted(p.name for p in marks.iterdir()) == ["0", "1"]
 
 
-def _processes_with(token: str) -> list[psutil.Process]:
-    return [p for p in psutil.process_iter(["cmdline"]) if token in " ".join(p.info["cmdline"] or [])]
-
-
 def test_a_session_stopped_after_a_pass_kills_the_test_started_early(pytester: pytest.Pytester, run: Runner) -> None:
     token = uuid.uuid4().hex
     pytester.makeconftest(
@@ -197,7 +189,7 @@ def test_a_session_stopped_after_a_pass_kills_the_test_started_early(pytester: p
     result.stdout.fnmatch_lines(["*stopped by the conftest*"])
     assert "test_second" not in result.stdout.str()
     time.sleep(0.2)
-    assert _processes_with(token) == []
+    assert processes_with(token) == []
 
 
 def test_ctrl_c_while_a_test_started_early_runs_leaves_nothing(pytester: pytest.Pytester, isolation_works: None) -> None:
@@ -220,20 +212,8 @@ def test_ctrl_c_while_a_test_started_early_runs_leaves_nothing(pytester: pytest.
             time.sleep(600)
         """
     )
-    proc = subprocess.Popen([sys.executable, "-m", "pytest", "-p", "no:cacheprovider"], cwd=pytester.path,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 60
-        while not started.exists():
-            assert time.monotonic() < deadline, "the isolated test never started"
-            time.sleep(0.05)
-        proc.send_signal(signal.SIGINT)
-        out, _ = proc.communicate(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    out, status = interrupt_once_started(pytester, started)
     assert b"KeyboardInterrupt" in out, out.decode()
+    assert status == pytest.ExitCode.INTERRUPTED
     assert b"20 passed" in out, out.decode()
-    time.sleep(0.2)
-    assert _processes_with(token) == []
+    assert processes_with(token) == []
