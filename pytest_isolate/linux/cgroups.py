@@ -19,7 +19,7 @@ import signal
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Callable, Iterable, Mapping, Optional
+from typing import Callable, Iterable, Mapping, Optional, TypeVar
 
 __all__ = [
     "CgroupError",
@@ -327,10 +327,19 @@ def sigkill_until_empty(fs: CgroupFs, dirs: list[str], timeout: float = KILL_TIM
 
 
 def remove_leaf(leaf: "Leaf") -> None:
-    """Remove a leaf at the end of a session: most are gone already (one rmdir each says so);
-    the rest get the full removal, which kills what is left in them."""
-    if not leaf.try_remove():
+    """Remove a leaf at the end of a session: most are gone already (removed while tests ran, or
+    one rmdir says so); the rest get the full removal, which kills what is left in them."""
+    if not leaf.gone and not leaf.try_remove():
         leaf.remove()
+
+
+LeafT = TypeVar("LeafT", bound="Leaf")
+
+
+def remember(leaves: list[LeafT], leaf: LeafT) -> list[LeafT]:
+    """A session's leaves with ``leaf`` added and those removed meanwhile forgotten: the list stays
+    as short as the leaves alive, however long the run."""
+    return [kept for kept in leaves if not kept.gone] + [leaf]
 
 
 def try_rmdir(fs: CgroupFs, dirs: Iterable[str]) -> bool:

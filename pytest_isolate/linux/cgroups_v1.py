@@ -201,12 +201,11 @@ class V1Session(Session):
         except CgroupError:
             leaf.remove()
             raise
-        self._leaves = [kept for kept in self._leaves if not kept.gone]  # removed ones are forgotten
-        self._leaves.append(leaf)
+        self._leaves = cg.remember(self._leaves, leaf)
         return leaf
 
     def remove(self) -> None:
-        errors = cg.each(functools.partial(cg.remove_leaf, leaf) for leaf in self._leaves if not leaf.gone)
+        errors = cg.each(functools.partial(cg.remove_leaf, leaf) for leaf in self._leaves)
         errors += cg.each(functools.partial(_destroy, self.fs, p) for p in sorted(set(self.paths.values())))
         cg.raise_first(errors)
 

@@ -192,12 +192,11 @@ class V2Session(Session):
             leaf.remove()
             raise
         leaf.open_usage_files()
-        self._leaves = [kept for kept in self._leaves if not kept.gone]  # removed ones are forgotten
-        self._leaves.append(leaf)
+        self._leaves = cg.remember(self._leaves, leaf)
         return leaf
 
     def remove(self) -> None:
-        errors = cg.each(functools.partial(cg.remove_leaf, leaf) for leaf in self._leaves if not leaf.gone)
+        errors = cg.each(functools.partial(cg.remove_leaf, leaf) for leaf in self._leaves)
         errors += cg.each([lambda: destroy(self.fs, self.path), lambda: restore_own(self.fs, self.own)])
         cg.raise_first(errors)
 
