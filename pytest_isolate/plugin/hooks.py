@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 
 SPEC_KEY = pytest.StashKey[Optional[SandboxSpec]]()
 PLAN_KEY = pytest.StashKey[Plan]()
+WARNING_MARKS_KEY = pytest.StashKey[list[tuple[Any, ...]]]()
 ISOLATE_HELP = "isolate every test of the run as if it were marked @pytest.mark.isolated"
 EOVERFLOW_HINT = (
     "pytest-isolate: this file or directory is owned by a user that is not mapped in the rootless sandbox "
@@ -299,7 +300,13 @@ def _overlap_safe(config: pytest.Config) -> bool:
 
 
 def _warning_marks(item: pytest.Item) -> list[tuple[Any, ...]]:
-    return [(mark.args, sorted(mark.kwargs.items())) for mark in item.iter_markers(name="filterwarnings")]
+    """The item's ``filterwarnings`` marks, gathered once (each item is asked as the next item and
+    again as the item)."""
+    marks = item.stash.get(WARNING_MARKS_KEY, None)
+    if marks is None:
+        marks = [(mark.args, sorted(mark.kwargs.items())) for mark in item.iter_markers(name="filterwarnings")]
+        item.stash[WARNING_MARKS_KEY] = marks
+    return marks
 
 
 def _overlap(item: pytest.Item, nextitem: Optional[pytest.Item], state: State) -> Optional[Callable[[], None]]:
@@ -399,15 +406,12 @@ def pytest_runtest_protocol(item: pytest.Item, nextitem: Optional[pytest.Item]) 
     ahead = state.take_ahead(item)
     if spec is None:
         return None
-    if ahead is not None and protocol._outer_setup_needed(item):
-        state.launcher.cancel(ahead)  # something changed since it started: start it afresh
-        ahead = None
     reason = _unavailable(item, spec, state)
+    if ahead is not None and (reason is not None or protocol._outer_setup_needed(item)):
+        state.launcher.cancel(ahead)  # something changed since it started: start it afresh, or not
+        ahead = None
     limited = True
     if reason is not None:
-        if ahead is not None:
-            state.launcher.cancel(ahead)
-            ahead = None
         policy = state.settings.policy
         if policy != "degrade":
             _refuse(item, reason, policy)
