@@ -6,8 +6,9 @@ the supervisor forks once and the child joins the sandbox with ``setns``:
 * root: the supervisor points its own ``pid_for_children`` at the sandbox's PID namespace around
   the fork, so the forked child *is* PID 2; the child joins the other namespaces itself;
 * rootless: ``setns`` into a PID namespace needs CAP_SYS_ADMIN where we have none, so a relay child
-  joins the user namespace (where it has every capability) and the rest, then forks PID 2 and
-  reports its exit status. Where it can (``linux/relay.py``) the relay shares our memory instead
+  joins the user namespace (where it has every capability) and points its children at the PID
+  namespace, then forks PID 2 (which joins the other namespaces itself, as root) and reports its
+  exit status. Where it can (``linux/relay.py``) the relay shares our memory instead
   of being a fork of it, and PID 2 is the only copy of the pytest process made.
 
 When the payload exits, or the deadline passes, or pytest is interrupted, the supervisor kills the
@@ -96,9 +97,10 @@ def _sandbox_flags(plan: Plan) -> int:
 
 
 def _relay_flags(plan: Plan) -> int:
-    """What a relay joins (either kind): the user namespace, every other one but the cgroup
-    namespace (PID 2 joins that after its leaf, see _relay), and the PID namespace for its child."""
-    return libc.CLONE_NEWUSER | (_sandbox_flags(plan) & ~libc.CLONE_NEWCGROUP) | libc.CLONE_NEWPID
+    """What a relay joins (either kind): the user namespace (PID 2 inherits its capabilities there)
+    and the PID namespace for its child, nothing more. PID 2 joins the others itself (see _relay):
+    the pytest process waits while a native relay works, not while PID 2 does."""
+    return libc.CLONE_NEWUSER | libc.CLONE_NEWPID
 
 
 def _enter(ns: Namespaces, flags: int, plan: Plan) -> None:
@@ -169,7 +171,8 @@ def _finish(chan: Channel, code: int) -> None:
 
 
 def _relay(plan: Plan, chan: Channel, target: Callable[[Channel], int], ns: Namespaces, procs: tuple[str, ...]) -> NoReturn:
-    """Rootless: join the user namespace first (gaining its capabilities), then the rest, then fork PID 2.
+    """Rootless: join the user namespace (gaining its capabilities) and the PID namespace for our
+    child, fork PID 2; PID 2 joins the rest of the sandbox's namespaces itself.
 
     The relay stays out of the test's cgroup leaf — with memory.oom.group an OOM kill takes every
     process in the leaf, and the relay must live to report PID 2's exit status — so PID 2 joins the
@@ -182,7 +185,7 @@ def _relay(plan: Plan, chan: Channel, target: Callable[[Channel], int], ns: Name
     except BaseException as exc:
         _fail_early(chan, "setns", exc)
     if pid == 0:
-        _payload(plan, chan, target, ns, libc.CLONE_NEWCGROUP, procs)
+        _payload(plan, chan, target, ns, _sandbox_flags(plan), procs)
     try:
         libc.set_name(b"isolate-relay")  # in ps, and for benchmarks/cpu_by_process.py
     except OSError:
@@ -458,7 +461,7 @@ class Launcher:
             raise SetupFailure(exc.stage, exc.errno, str(exc)) from None
         if pid == 0:
             try:
-                _payload(plan, chan, target, ns, libc.CLONE_NEWCGROUP, procs)
+                _payload(plan, chan, target, ns, _sandbox_flags(plan), procs)
             finally:
                 os._exit(125)
         return pid, status_fd
