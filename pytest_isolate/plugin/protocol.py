@@ -23,7 +23,7 @@ from _pytest.runner import call_and_report
 
 from ..engine.channel import Channel
 from ..engine.launch import Outcome
-from .reports import describe_end, load_report, make_report, send_report
+from .reports import describe_end, learn_field_types, load_report, make_report, send_report
 
 # True in the sandbox's payload process (PID 2); hooks that only matter there check it.
 IN_SANDBOX = False
@@ -236,6 +236,7 @@ def run_item(item: pytest.Item, nextitem: Optional[pytest.Item], start: Starter,
             if not failed:
                 start_next()
 
+    learn_field_types()  # before this item's fork, and the next one's (start_next, from on_done)
     outcome = start(lambda chan: _sandboxed_protocol(item, chan), on_done)
     reports = child_reports(item, outcome, hint)
     if setup is not None:

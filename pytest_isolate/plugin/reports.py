@@ -6,6 +6,7 @@ Reports travel only as JSON made by pytest's own ``pytest_report_to_serializable
 
 from __future__ import annotations
 
+import os
 import signal
 from typing import Any, Optional, Sequence
 
@@ -14,6 +15,22 @@ import pytest
 from ..engine.channel import Channel
 from ..engine.accounting import human_bytes
 from ..engine.errors import signal_name
+
+
+# what a report's fields hold: pytest asks os.PathLike about each when it serializes one
+_FIELD_TYPES = (str, int, float, bool, type(None), list, tuple, dict)
+
+
+def learn_field_types() -> None:
+    """Have os.PathLike know the types of a report's fields before a test process is forked.
+
+    pytest serializes a report with ``isinstance(value, os.PathLike)`` for each field. An ABC
+    answers that by running Python code the first time per type, and caches the answer; in a forked
+    test process the cache dies with the process, so each one paid again (about 80 us in its first
+    report). Asked here, in the pytest process, the answers are inherited. Cheap once cached (any
+    ``register`` on an ABC clears such caches, so this is asked before each test, not once)."""
+    for kind in _FIELD_TYPES:
+        issubclass(kind, os.PathLike)
 
 
 def send_report(chan: Channel, config: pytest.Config, report: pytest.TestReport) -> None:
@@ -33,8 +50,6 @@ def load_report(config: pytest.Config, data: dict[str, Any]) -> pytest.TestRepor
 
 def describe_status(status: Optional[int]) -> str:
     """"crashed with SIGSEGV (signal 11)" / "exited with status 3" for a wait status."""
-    import os
-
     if status is None:
         return "died without reporting its exit status"
     if os.WIFSIGNALED(status):
@@ -46,7 +61,6 @@ def describe_status(status: Optional[int]) -> str:
 def describe_end(status: Optional[int], timed_out: bool, wall: float, oom_kills: Optional[float], memory_peak: Optional[float],
                  memory: Optional[int], timeout: Optional[float]) -> str:
     """Why a sandbox's test process ended early, in the terms of its limits."""
-    import os
     import sys
 
     if timed_out:
