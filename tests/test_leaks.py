@@ -60,3 +60,42 @@ def test_ctrl_c_mid_test_kills_the_sandbox(pytester: pytest.Pytester, isolation_
     assert b"KeyboardInterrupt" in out, out.decode()
     assert status == pytest.ExitCode.INTERRUPTED
     assert processes_with(token) == []
+
+
+def test_no_thread_of_a_done_test_runs_on(pytester: pytest.Pytester, run: Runner) -> None:
+    """A test process that said it is done waits to be killed with its sandbox (the kernel tears
+    it down later, off the next test's path), but not while another thread of the test runs:
+    that thread would go on running the test's code. The next test overlaps and the pytest process
+    takes a second to log the first test's reports, a second its thread would have."""
+    marker = pytester.path / "thread-ran-on"
+    pytester.makeconftest(
+        """
+        import time
+
+        def pytest_runtest_logreport(report):
+            if report.when == "teardown" and report.nodeid.endswith("test_with_thread"):
+                time.sleep(1)
+        """
+    )
+    pytester.makepyfile(
+        f"""
+        import threading, time, pytest
+
+        def later():
+            time.sleep(0.3)
+            open({str(marker)!r}, "w").close()
+
+        pytestmark = pytest.mark.isolated(writable=[{str(pytester.path)!r}])
+
+        def test_first():  # (the first test of a module is set up in the pytest process: no overlap)
+            pass
+
+        def test_with_thread():
+            threading.Thread(target=later).start()
+
+        def test_next():
+            pass
+        """
+    )
+    run().assert_outcomes(passed=3)
+    assert not marker.exists(), "a thread of a finished test went on running"

@@ -181,7 +181,7 @@ def _linger() -> None:
     if threading.active_count() > 1:
         return
     try:
-        signal.pthread_sigmask(signal.SIG_BLOCK, range(1, signal.NSIG))  # only SIGKILL ends us now
+        signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())  # only SIGKILL ends us now
         select.select([], [], [])
     except BaseException:
         pass
