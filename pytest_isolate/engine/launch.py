@@ -23,7 +23,6 @@ import resource
 import select
 import signal
 import sys
-import threading
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -154,12 +153,11 @@ def _payload(plan: Plan, chan: Channel, target: Callable[[Channel], int], ns: Na
                 stream.flush()
             except Exception:
                 pass
-    if _finish(chan, code):
-        _linger()
+    _finish(chan, code)
     os._exit(code)
 
 
-def _finish(chan: Channel, code: int) -> bool:
+def _finish(chan: Channel, code: int) -> None:
     """Tell the supervisor we are done, with our exit code and resource usage, before exiting:
     tearing down a forked copy of pytest takes the kernel milliseconds nobody needs to wait for, and
     the supervisor kills the init at once, so the rest of the sandbox goes while we exit."""
@@ -169,22 +167,7 @@ def _finish(chan: Channel, code: int) -> bool:
     try:
         chan.finished(code=code, rusage=merged)
     except OSError:
-        return False  # the supervisor then waits for our exit instead
-    return True
-
-
-def _linger() -> None:
-    """Once done, wait to be killed with the sandbox rather than exit now (see Launcher.lingering):
-    tearing down this copy of pytest's memory takes a core for a millisecond or two, better spent
-    when the supervisor waits than when the next test process starts. Not while another thread of
-    the test runs: nothing of the test may go on after it said it was done."""
-    if threading.active_count() > 1:
-        return
-    try:
-        signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())  # only SIGKILL ends us now
-        select.select([], [], [])
-    except BaseException:
-        pass
+        pass  # the supervisor then waits for our exit instead
 
 
 def _relay(plan: Plan, chan: Channel, target: Callable[[Channel], int], ns: Namespaces, procs: tuple[str, ...]) -> NoReturn:
@@ -263,7 +246,6 @@ class Running:
         self.chan: Optional[Channel] = None  # set while the payload runs; None once it ended (or never ran)
         self.start = 0.0
         self.measured = False
-        self.linger = False  # said done: its sandbox is ended later (Launcher.lingering)
 
 
 class Launcher:
@@ -282,9 +264,6 @@ class Launcher:
         self.retired: list[Leaf] = []  # leaves whose usage is read, to remove
         self.exiting: list[int] = []  # payloads that said they were done, to reap
         self.running: list[Running] = []  # begun, not yet finished: cancelled at close
-        # sandboxes whose payload said it was done and lingers (_linger): killed when we next wait
-        # for a payload, or when no other payload runs (so the kernel tears them down while we idle)
-        self.lingering: list[Prepared] = []
 
     def _leaf(self, session: Session, limits: Limits) -> Leaf:
         if self.spare is not None:
@@ -495,23 +474,14 @@ class Launcher:
         self.cgroups()
         return self._take_with_leaf(plan)
 
-    def release(self, sandbox: Prepared, leaf: Optional[Leaf], linger: bool = False) -> None:
-        """End the sandbox (killing its init kills everything in it), or with ``linger`` later (see
-        ``lingering``); its leaf is removed later."""
-        if linger:
-            self.lingering.append(sandbox)
-            return
+    def release(self, sandbox: Prepared, leaf: Optional[Leaf]) -> None:
+        """End the sandbox (killing its init kills everything in it); its leaf is removed later."""
         _kill(sandbox.init)
         if sandbox.control is not None:
             sandbox.control.close()
         self._factory().discard(sandbox.ident)
         if leaf is not None:
             self.retired.append(leaf)
-
-    def end_lingering(self) -> None:
-        """Kill the sandboxes left lingering (their payloads are done)."""
-        while self.lingering:
-            self.release(self.lingering.pop(0), None)
 
     def launch(self, plan: Plan, target: Callable[[Channel], int], after_start: Optional[Callable[[], None]] = None,
                limited: bool = True, timeout: Optional[float] = None, on_done: Optional[Callable[[bool], None]] = None) -> Outcome:
@@ -559,8 +529,6 @@ class Launcher:
                 self._supervise(run, on_done)
         finally:
             self._done(run)
-            if not self.running:
-                self.end_lingering()  # no payload to wait for next: none to make room for
         return run.outcome
 
     def cancel(self, run: Running) -> None:
@@ -572,8 +540,6 @@ class Launcher:
                 self._stop(run)
         finally:
             self._done(run)
-            if not self.running:
-                self.end_lingering()
 
     def _done(self, run: Running) -> None:
         """The run's measurement from its leaf (then retired, removed while the next payload runs or
@@ -649,7 +615,7 @@ class Launcher:
         if run.status_fd >= 0:
             os.close(run.status_fd)  # a relay still to write gets EPIPE (it blocks every signal)
             run.status_fd = -1
-        self.release(run.sandbox, None, linger=run.linger)
+        self.release(run.sandbox, None)
         if self.current == (run.leaf, run.start):
             self.current = None  # (a payload begun in on_done has its own by now)
         run.outcome.wall = time.monotonic() - run.start
@@ -663,17 +629,17 @@ class Launcher:
         assert sandbox is not None and chan is not None
         ended = ""
         try:
-            self.end_lingering()  # the earlier payloads' teardown runs while we wait for this one
             timeout = outcome.spec.timeout if outcome.spec is not None else None
             ended = _wait(pid, chan.done_fd, None if timeout is None else run.start + timeout)
-            if ended == "timeout":
+            if ended != "exit":
+                # done: the sandbox's other processes go now, while the payload exits; timeout: all
                 _kill(sandbox.init)
+            if ended == "timeout":
                 outcome.timed_out = True
                 if leaf is not None:
                     leaf.kill()
             if ended == "done":
                 self.exiting.append(pid)  # reaped later: its exit takes the kernel ~2 ms
-                run.linger = True  # it waits (_linger) to be killed with its sandbox: end_lingering
             else:
                 _, status, outcome.rusage = os.wait4(pid, 0)
                 if not plan.userns:
@@ -703,7 +669,6 @@ class Launcher:
     def close(self) -> None:
         for run in list(self.running):
             self.cancel(run)
-        self.end_lingering()
         self._reap(block=True)  # their sandboxes are killed: they are gone or going
         if self.spare is not None:
             self.retired.append(self.spare[1])
