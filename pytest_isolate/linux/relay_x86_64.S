@@ -12,11 +12,6 @@
  *  64 gate     its read end          72 busy    a 32-bit word the kernel zeroes when the relay exits
  *  80 errno    glibc's __errno_location  88 rseq offset from the thread pointer  96 rseq length
  * 104 before   PyOS_BeforeFork   112 parent  PyOS_AfterFork_Parent   120 child  PyOS_AfterFork_Child
- * 128 saying   0; the relay sets it just before it writes value+stage
- * The caller spins on ``saying`` for a while before it blocks reading the gate: the relay's pipe
- * write is a sync wakeup, which queues a sleeping caller on the relay's core behind the test
- * process just forked there (the other core idle) until that one blocks. Spinning, the caller
- * keeps its core: the relay and the test process start on the other, and no wakeup is needed.
  * CPython's fork hooks are called here, as os.fork calls them from C: between a return to Python
  * and PyOS_AfterFork_Child the test process could see another thread's request for the GIL (copied
  * at the fork), drop the GIL and wait forever for a thread it doesn't have.
@@ -52,14 +47,6 @@ relay:
 	mov $3, %eax             /* close(report): EOF at the gate if the relay dies before it says */
 	mov 56(%rbx), %edi
 	syscall
-	mov $4096, %r13d         /* spin: at most 4096 sched_yield calls (a few ms) */
-spin:
-	cmpq $0, 128(%rbx)
-	jne again
-	mov $24, %eax            /* sched_yield(): the relay may be queued on this core */
-	syscall
-	dec %r13d
-	jnz spin
 again:
 	xor %eax, %eax           /* read(gate, &value, 16) */
 	mov 64(%rbx), %edi
@@ -126,7 +113,6 @@ forkit:
 forked:
 	xor %ebp, %ebp
 say:
-	movq $1, 128(%rbx)       /* args live until the caller has read what we write next */
 	mov %rax, %r14
 	sub $160, %rsp
 	mov %rax, (%rsp)
