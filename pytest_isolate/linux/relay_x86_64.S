@@ -12,6 +12,11 @@
  *  64 gate     its read end          72 busy    a 32-bit word the kernel zeroes when the relay exits
  *  80 errno    glibc's __errno_location  88 rseq offset from the thread pointer  96 rseq length
  * 104 before   PyOS_BeforeFork   112 parent  PyOS_AfterFork_Parent   120 child  PyOS_AfterFork_Child
+ * 128 said     0; set to 1 by the relay once value+stage are in the pipe, and woken (a futex)
+ * The caller waits on ``said`` (checking ``busy`` every 50 ms: a relay that died never says), not
+ * in a read of the pipe: a pipe write wakes its reader as a "sync" wakeup, which the scheduler
+ * places on the writer's core, behind the test process just forked there, while another core may
+ * idle (perf sched: the caller queued 1.5 ms). A futex wake lets it pick an idle core.
  * CPython's fork hooks are called here, as os.fork calls them from C: between a return to Python
  * and PyOS_AfterFork_Child the test process could see another thread's request for the GIL (copied
  * at the fork), drop the GIL and wait forever for a thread it doesn't have.
@@ -47,6 +52,19 @@ relay:
 	mov $3, %eax             /* close(report): EOF at the gate if the relay dies before it says */
 	mov 56(%rbx), %edi
 	syscall
+waiting:
+	cmpl $0, 128(%rbx)       /* said: value+stage are in the pipe */
+	jne again
+	mov 72(%rbx), %rax
+	cmpl $0, (%rax)          /* the relay is gone without saying: the read sees EOF */
+	je again
+	mov $202, %eax           /* futex(&said, FUTEX_WAIT_PRIVATE, 0, {0 s, 50 ms}) */
+	lea 128(%rbx), %rdi
+	mov $128, %esi
+	xor %edx, %edx
+	lea fifty_ms(%rip), %r10
+	syscall
+	jmp waiting
 again:
 	xor %eax, %eax           /* read(gate, &value, 16) */
 	mov 64(%rbx), %edi
@@ -122,6 +140,12 @@ say:
 	mov %rsp, %rsi
 	mov $16, %edx
 	syscall
+	movl $1, 128(%rbx)       /* said (args live until the caller sees this) */
+	mov $202, %eax           /* futex(&said, FUTEX_WAKE_PRIVATE, 1): only the address is used */
+	lea 128(%rbx), %rdi
+	mov $129, %esi
+	mov $1, %edx
+	syscall
 	test %r14, %r14
 	js done
 	mov $157, %eax           /* prctl(PR_SET_NAME, "isolate-relay") */
@@ -172,4 +196,6 @@ back:
 	xor %eax, %eax
 	jmp out
 
+	.balign 8
+fifty_ms:	.quad 0, 50000000
 name:	.asciz "isolate-relay"
