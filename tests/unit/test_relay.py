@@ -7,6 +7,7 @@ that forks through the relay and prints what it saw as JSON. Where the host has 
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import platform
@@ -155,6 +156,28 @@ print(json.dumps(out))
 """)
     assert (data["stage"], data["errno"]) == ("setns", 9)
     assert "setns failed in the relay: Bad file descriptor" in data["message"]
+
+
+def test_a_relay_that_dies_before_it_says_is_an_error_not_a_hang() -> None:
+    """Killed before it said (here: a pthread_atfork prepare handler exits it), the relay never
+    sets the word the caller waits on; the kernel zeroes its busy word, and the caller sees that."""
+    data = checked("""
+import time
+CB = ctypes.CFUNCTYPE(None)
+handlers = [CB(lambda: os._exit(0)), CB(lambda: None), CB(lambda: None)]
+register = getattr(ctypes.CDLL(None), "__register_atfork")
+register.argtypes = [CB, CB, CB, ctypes.c_void_p]
+assert register(*handlers, None) == 0
+start = time.monotonic()
+try:
+    native.fork(())
+except relay.RelayError as exc:
+    out.update(stage=exc.stage, errno=exc.errno)
+out.update(seconds=time.monotonic() - start)
+print(json.dumps(out))
+""")
+    assert (data["stage"], data["errno"]) == ("relay", errno.EPIPE)
+    assert data["seconds"] < 5
 
 
 def test_stacks_are_reused_once_their_relays_are_gone() -> None:
