@@ -13,8 +13,10 @@ process's pid, then waits for it and reports its wait status and rusage on a pip
 process returns from :meth:`Native.fork` as from ``os.fork()``, with CPython's fork hooks run
 around it by that code, as ``os.fork`` runs them from C (PyOS_AfterFork_Child before any Python
 runs in the child: else a request for the GIL that another thread made before the fork could make
-the child drop the GIL and wait forever for a thread it does not have); the caller waits in ``read`` until the fork is made, with every signal blocked, so
-nothing in the shared memory moves while it is copied.
+the child drop the GIL and wait forever for a thread it does not have). The caller waits until
+the fork is made, with every signal blocked, so nothing in the shared memory moves while it is
+copied: on a futex the relay wakes, since a pipe write would wake it on the relay's core, behind
+the test process just forked there (see the .S file).
 
 Only on x86_64 with glibc. Elsewhere, where anonymous memory cannot be made executable (a security
 module's ``execmem`` rule), if its self-test fails, or with ``PYTEST_ISOLATE_NATIVE_RELAY=0``,
