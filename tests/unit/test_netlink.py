@@ -177,11 +177,14 @@ def _ms(since: float) -> float:
     return round((time.perf_counter() - since) * 1000, 2)
 
 
-def _tcp(ns_fd: int, dst: tuple[str, int]) -> str:
+def _tcp(ns_fd: int, dst: tuple[str, int], expect: bool = True) -> str:
+    """How a TCP connect from ``ns_fd`` ends: "ok", an errno name, or "timeout". Waiting longer when
+    it should get through: on links just brought up, the first ARP request or SYN can be lost, and
+    each is sent again only after a second."""
     with _inside(ns_fd):
         sock = socket.socket()
     with sock:
-        sock.settimeout(1.0)
+        sock.settimeout(3.0 if expect else 1.0)
         try:
             sock.connect(dst)
         except socket.timeout:
@@ -244,8 +247,8 @@ def _scenario_partition() -> dict[str, Any]:
 
     def probe(connected: bool) -> dict[str, Any]:
         return {
-            "tcp": _tcp(ns1, ("10.99.0.3", 7001)),
-            "tcp_closed_port": _tcp(ns1, ("10.99.0.3", 7002)),
+            "tcp": _tcp(ns1, ("10.99.0.3", 7001), expect=connected),
+            "tcp_closed_port": _tcp(ns1, ("10.99.0.3", 7002), expect=connected),
             "udp_1_to_2": _udp(ns1, udp2, expect=connected),
             "udp_2_to_1": _udp(ns2, udp1, expect=connected),
         }
