@@ -16,7 +16,7 @@
  * The caller waits on ``said`` (checking ``busy`` every 50 ms: a relay that died never says), not
  * in a read of the pipe: a pipe write wakes its reader as a "sync" wakeup, which the scheduler
  * places on the writer's core, behind the test process just forked there, while another core may
- * idle (perf sched: the caller queued 1.5 ms). A futex wake lets it pick an idle core.
+ * idle (seen with perf sched). A futex wake lets it pick an idle core.
  * CPython's fork hooks are called here, as os.fork calls them from C: between a return to Python
  * and PyOS_AfterFork_Child the test process could see another thread's request for the GIL (copied
  * at the fork), drop the GIL and wait forever for a thread it doesn't have.

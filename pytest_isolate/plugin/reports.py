@@ -26,8 +26,8 @@ def learn_field_types() -> None:
 
     pytest serializes a report with ``isinstance(value, os.PathLike)`` for each field. An ABC
     answers that by running Python code the first time per type, and caches the answer; in a forked
-    test process the cache dies with the process, so each one paid again (about 80 us in its first
-    report). Asked here, in the pytest process, the answers are inherited. Cheap once cached (any
+    test process the cache dies with the process, so each one paid again in its first report.
+    Asked here, in the pytest process, the answers are inherited. Cheap once cached (any
     ``register`` on an ABC clears such caches, so this is asked before each test, not once)."""
     for kind in _FIELD_TYPES:
         issubclass(kind, os.PathLike)
