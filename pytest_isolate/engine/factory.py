@@ -45,7 +45,7 @@ from ..linux import libc, tinyinit
 from ..linux.mounts import Step
 from ..linux.net import loopback_up
 from ..linux.nsjoin import Namespaces
-from ..linux.record import asdict, record
+from ..linux.record import asdict, record, replace
 from ..linux.rootfs import NEW, OLD, RootOptions, build_root, enter_root, proc_points
 from ..linux.template import Template
 from ..linux.userns import unshare_with_full_map, write_identity_maps
@@ -570,6 +570,11 @@ class _Workshop:
         """Start building a sandbox; its init is moved into the cgroups whose ``cgroup.procs`` are
         in ``cgroup``, or joins them itself through the files in ``join``. Returns an answer only
         if it failed at once; else :meth:`finish` answers when the ready pipe is readable."""
+        try:
+            bp = _own_upper_dirs(ident, bp)
+        except OSError as exc:
+            return {"id": ident, "error": {"step": "upper layers", "errno": exc.errno,
+                                           "message": f"cannot make the sandbox's upper layer directory: {exc}"}}
         read, write = os.pipe()
         if self._tiny_fits(bp, cgroup, join):
             kept = self._root_template(bp, (read, *self.building))
@@ -733,7 +738,37 @@ def _kill(pid: int) -> None:
         pass
 
 
+def _own_upper_dirs(ident: int, bp: Blueprint) -> Blueprint:
+    """``bp`` with upper layers on disk (rootless, kernel < 6.6) in directories of this build's own,
+    one in each of the plan's bases.
+
+    Many builds share a plan's bases: sandboxes built ahead (a guess at the next test's plan, two
+    for the Sandbox API) and the ones that take their turn. Each build's directories are removed
+    when its sandbox is reaped (_remove_bases), so a sandbox discarded unused cannot take the
+    upper layers of one that is running: files the test had created stay, new ones fail (ENOENT)."""
+    if not bp.root.upper_bases:
+        return bp
+    made: list[str] = []
+    try:
+        for base in bp.root.upper_bases:
+            os.makedirs(base, mode=0o700, exist_ok=True)  # _remove_bases removes it once it is empty
+            n = 0
+            while True:
+                try:
+                    os.mkdir(f"{base}/{ident}.{n}", 0o700)
+                    break
+                except FileExistsError:  # left by a factory that died before it could remove it
+                    n += 1
+            made.append(f"{base}/{ident}.{n}")
+    except OSError:
+        _remove_bases(tuple(made))
+        raise
+    return replace(bp, root=replace(bp.root, upper_bases=tuple(made)))
+
+
 def _remove_bases(bases: tuple[str, ...]) -> None:
+    """Remove a build's upper layer directories (see _own_upper_dirs), then the plan's base each is
+    in if no other build uses it any more (it is made again for the next)."""
     if not bases:
         return
     from ..linux.tree import remove_tree  # only with upper layers on disk: keep it out of the heap
@@ -741,6 +776,7 @@ def _remove_bases(bases: tuple[str, ...]) -> None:
     for base in bases:
         try:
             remove_tree(base)
+            os.rmdir(os.path.dirname(base))
         except OSError:
             pass
 
@@ -784,7 +820,7 @@ def serve(stdin: IO[str], stdout: IO[str], parent: int, fds: int = -1) -> None:
                 if request["op"] == "build":
                     text = request["blueprint"]
                     if text not in blueprints:
-                        if len(blueprints) > 32:  # each has its own upper dirs (rootless, kernel < 6.6)
+                        if len(blueprints) > 32:  # many specs (or Sandboxes: upper layer bases of their own, kernel < 6.6)
                             blueprints.clear()
                         blueprints[text] = Blueprint.from_json(text)
                     answer(shop.start(request["id"], blueprints[text], request.get("cgroup", ()), request.get("join", ())))

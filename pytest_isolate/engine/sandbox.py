@@ -170,9 +170,10 @@ class Sandbox:
         cwd = extra.get("cwd")
         network = extra.get("network")
         bases: tuple[str, ...] = ()
-        if host.needs_disk_upper(spec):
-            bases = disk_upper_dirs()
-            self._upper_dirs.extend(bases)
+        if host.needs_disk_upper(spec):  # one pair per Sandbox: each build makes its own directories there
+            if not self._upper_dirs:
+                self._upper_dirs.extend(disk_upper_dirs())
+            bases = tuple(self._upper_dirs)
         plan = host.plan(spec, cwd=os.path.abspath(cwd) if cwd is not None and rootfs is None else os.getcwd(),
                          upper_bases=bases)
         root = plan.root
@@ -261,10 +262,9 @@ class Sandbox:
                               stdin=stdin, stdout=stdout, stderr=stderr, spec=spec)
         proc.hostname, proc.address = spec.hostname, address
         self._live.append(proc)
-        if network is None and not plan.root.upper_bases:
+        if network is None:
             # the next two sandboxes like this one are built while this one runs, side by side, so
-            # a loop of calls rarely waits for a build (not with upper layers on disk: each
-            # sandbox has its own, so no later plan could take one built ahead)
+            # a loop of calls rarely waits for a build
             launcher.prepare(plan, ahead=2)
         launcher.tidy()  # cgroup leaves of ended sandboxes go while this program runs
         return proc

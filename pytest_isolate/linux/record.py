@@ -12,12 +12,13 @@ with ``benchmarks/overhead.py``'s suite, when every init was a Python one). So t
 
 from __future__ import annotations
 
-__all__ = ["asdict", "record"]
+__all__ = ["asdict", "record", "replace"]
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from dataclasses import asdict as asdict
     from dataclasses import dataclass as record
+    from dataclasses import replace as replace
 else:
 
     class FrozenRecordError(AttributeError):
@@ -82,3 +83,7 @@ else:
         if isinstance(obj, dict):
             return {k: asdict(v) for k, v in obj.items()}
         return obj
+
+    def replace(obj, **changes):
+        """Like ``dataclasses.replace``: a copy of the record ``obj`` with ``changes``."""
+        return obj.__class__(**{**{name: getattr(obj, name) for name in obj.__record_fields__}, **changes})

@@ -105,6 +105,14 @@ class State:
         if self._launcher is not None:
             self._launcher.close()
             self._launcher = None
+        # upper layer bases on disk: the factory removes each once its last build is gone; here
+        # those of a plan it never built for
+        for plan in self.plans.values():
+            for base in plan.root.upper_bases:
+                try:
+                    os.rmdir(base)
+                except OSError:
+                    pass
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         """Registered as a plugin: sees every logged report (under xdist, on the controller)."""
@@ -196,20 +204,18 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 def _plan(item: pytest.Item, spec: SandboxSpec) -> Plan:
     """The item's plan, made once: the next item's is made early, to build its sandbox ahead.
 
-    Items with equal specs share one plan (and so one blueprint, serialized once), except where
-    every sandbox needs upper directories of its own on disk."""
+    Items with equal specs share one plan (and so one blueprint, serialized once); where upper
+    layers go to disk, its bases too (each build makes its directories in them: factory.py)."""
     if PLAN_KEY not in item.stash:
         host = current_host()
         basetemp = str(item.config._tmp_path_factory.getbasetemp())  # type: ignore[attr-defined]
         cwd = os.getcwd()
-        if host.needs_disk_upper(spec):
-            item.stash[PLAN_KEY] = host.plan(spec, cwd=cwd, writable=(basetemp,), upper_bases=disk_upper_dirs())
-        else:
-            plans = _state(item.config).plans
-            key = (spec, cwd, basetemp)
-            if key not in plans:
-                plans[key] = host.plan(spec, cwd=cwd, writable=(basetemp,))
-            item.stash[PLAN_KEY] = plans[key]
+        plans = _state(item.config).plans
+        key = (spec, cwd, basetemp)
+        if key not in plans:
+            bases = disk_upper_dirs() if host.needs_disk_upper(spec) else ()
+            plans[key] = host.plan(spec, cwd=cwd, writable=(basetemp,), upper_bases=bases)
+        item.stash[PLAN_KEY] = plans[key]
     return item.stash[PLAN_KEY]
 
 

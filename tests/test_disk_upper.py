@@ -1,0 +1,78 @@
+"""Upper layers on disk: in a user namespace before Linux 6.6, tmpfs cannot hold overlayfs's
+``user.overlay.*`` xattrs, so each sandbox's upper layers go to directories under
+``/var/tmp/pytest-isolate-<uid>`` and ``$TMPDIR/pytest-isolate-<uid>`` (host.disk_upper_dirs).
+
+This host's kernel may be newer: the suites below plan as on an older one (a conftest raises the
+kernel the plugin requires for upper layers in tmpfs), with ``user_namespace=True`` so that root
+takes that path too. The kernel work is real: overlays with upper layers on disk.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from conftest import Runner
+
+OLD_KERNEL = """
+import pytest_isolate.engine.host as host
+
+host.TMPFS_USERXATTR_KERNEL = (999, 0)  # plan as a kernel without user xattrs on tmpfs would
+"""
+
+
+def _upper_dirs() -> set[str]:
+    found = set()
+    for top in ("/var/tmp", os.environ.get("TMPDIR", "/tmp")):
+        base = os.path.join(top, f"pytest-isolate-{os.getuid()}")
+        if os.path.isdir(base):
+            found.update(os.path.join(base, name) for name in os.listdir(base))
+    return found
+
+
+def test_overlapping_tests_keep_their_upper_layers(pytester: pytest.Pytester, run: Runner) -> None:
+    """A sandbox built ahead as a guess for the next test shares the plan's bases with the running
+    one; it used to be discarded and its removal took the running test's upper layers (a file
+    created after that failed with ENOENT). Every test writes after a pause, sees no other's file,
+    and nothing is left on disk afterwards."""
+    pytester.makeconftest(OLD_KERNEL)
+    pytester.makepyfile("""
+        import os, time, pytest
+
+        @pytest.mark.isolated(user_namespace=True)
+        @pytest.mark.parametrize("i", range(10))
+        def test_write(i):
+            assert [n for n in os.listdir("/tmp") if n.startswith("isolate-disk-")] == []
+            time.sleep(0.1)  # long enough for the factory to act on the next test's order
+            with open(f"/tmp/isolate-disk-{i}", "w") as f:
+                f.write("x" * 100000)
+            os.mkdir(f"/var/tmp/isolate-disk-{i}")
+    """)
+    before = _upper_dirs()
+    result = run("-p", "no:randomly")
+    result.assert_outcomes(passed=10)
+    assert not list(pytester.path.glob("isolate-disk-*"))
+    assert not os.path.exists("/tmp/isolate-disk-0")
+    assert _upper_dirs() - before == set()
+
+
+def test_sandbox_builds_ahead_with_upper_layers_on_disk(pytester: pytest.Pytester, run: Runner) -> None:
+    """The Sandbox API builds two sandboxes ahead of a loop of runs; on disk too, each has upper
+    layer directories of its own, removed when it ends."""
+    pytester.makeconftest(OLD_KERNEL)
+    pytester.makepyfile("""
+        from pytest_isolate import Sandbox
+
+        def test_loop(tmp_path):
+            with Sandbox(user_namespace=True) as box:
+                for i in range(6):
+                    result = box.run(["sh", "-c", f"ls /tmp | grep -c '^isolate-box-'; sleep 0.05; "
+                                                  f"echo {i} > /tmp/isolate-box-{i} && cat /tmp/isolate-box-{i}"],
+                                     text=True, check=True)
+                    assert result.stdout.split() == ["0", str(i)], result
+    """)
+    before = _upper_dirs()
+    result = run("-p", "no:randomly")
+    result.assert_outcomes(passed=1)
+    assert _upper_dirs() - before == set()
