@@ -98,8 +98,11 @@ def interrupt_once_started(pytester: pytest.Pytester, started: Any, check: Calla
     import signal
     import time
 
-    proc = subprocess.Popen([sys.executable, "-m", "pytest", "-p", "no:cacheprovider"], cwd=pytester.path,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    # SIGINT back to its default first: a shell without job control starts background commands
+    # with it ignored, and Python installs its KeyboardInterrupt handler only over the default
+    start = "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); os.execv(sys.executable, sys.argv[1:])"
+    proc = subprocess.Popen([sys.executable, "-c", start, sys.executable, "-m", "pytest", "-p", "no:cacheprovider"],
+                            cwd=pytester.path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 60
         while not started.exists():
