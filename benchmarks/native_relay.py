@@ -5,8 +5,8 @@
 Rootless, the test process must be born in the sandbox's PID namespace, which only a process in
 the sandbox's user namespace can point its children into: a relay does it (see engine/launch.py).
 The forked relay is a fork of the pytest process that joins the namespaces and forks the test
-process; the native one (``pytest_isolate/linux/relay.py``) shares the pytest process's memory, so
-the test process is the only copy made. Both start a child in a fresh user+PID+mount namespace
+process; the native one (``pytest_isolate/linux/relay.py``) is forked too but makes the test
+process with ``clone(CLONE_VM)``, sharing its memory, so the relay is the only copy made. Both start a child in a fresh user+PID+mount namespace
 whose init waits, the child exits at once, and each launch ends when its exit status is known; the
 two ways alternate, each launch with a fresh namespace. ``--ballast-mb`` grows this process to
 about the size of a pytest process first (the cost of a fork grows with it). Printed: median wall
@@ -42,7 +42,7 @@ def native_launch(init: int, code: int) -> int:
         raise SystemExit(f"no native relay here: {relay.why_not()}")
     pidfd = os.pidfd_open(init)
     try:
-        pid, _, report = native.fork([(pidfd, JOIN)])
+        pid, report = native.fork([(pidfd, JOIN)])
         if pid == 0:
             child(code)
     finally:

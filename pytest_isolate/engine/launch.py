@@ -8,8 +8,9 @@ the supervisor forks once and the child joins the sandbox with ``setns``:
 * rootless: ``setns`` into a PID namespace needs CAP_SYS_ADMIN where we have none, so a relay child
   joins the user namespace (where it has every capability) and points its children at the PID
   namespace, then forks PID 2 (which joins the other namespaces itself, as root) and reports its
-  exit status. Where it can (``linux/relay.py``) the relay shares our memory instead
-  of being a fork of it, and PID 2 is the only copy of the pytest process made.
+  exit status. Where it can (``linux/relay.py``) the relay makes PID 2 with ``clone(CLONE_VM)``,
+  sharing the relay's memory instead of copying it: the relay is the only copy of the pytest
+  process made, and we go on once it is forked, as root.
 
 When the payload exits, or the deadline passes, or pytest is interrupted, the supervisor kills the
 init: the kernel then kills everything left in the PID namespace.
@@ -456,7 +457,7 @@ class Launcher:
                      ns: Namespaces, procs: tuple[str, ...]) -> tuple[int, int]:
         """Rootless with a relay that shares our memory: what _relay does, without a copy of us."""
         try:
-            pid, _, status_fd = relay.fork(ns.pairs(_relay_flags(plan)))
+            pid, status_fd = relay.fork(ns.pairs(_relay_flags(plan)))
         except native_relay.RelayError as exc:
             raise SetupFailure(exc.stage, exc.errno, str(exc)) from None
         if pid == 0:
@@ -645,7 +646,10 @@ class Launcher:
                 if not plan.userns:
                     outcome.status = status
                 elif run.status_fd >= 0:
-                    outcome.status = native_relay.read_status(run.status_fd)
+                    try:
+                        outcome.status = native_relay.read_status(run.status_fd)
+                    except native_relay.RelayError as exc:  # it could not join or clone: no payload ran
+                        outcome.setup_error = SetupFailure(exc.stage, exc.errno, str(exc))
         except BaseException:
             outcome.interrupted = True
             self._stop(run)

@@ -2,24 +2,25 @@
 
 Rootless, the test process must be born in the sandbox's PID namespace, and only a process inside
 the sandbox's user namespace may point its children there; the pytest process cannot enter that
-namespace and come back. So a relay joins it and forks the test process. A relay forked from the
-pytest process copies its page tables once more per test and tears them down again: about 1.5 ms
-of CPU and of the test's path on a 30 MB process (``benchmarks/native_relay.py``).
+namespace and come back. So a relay joins it and makes the test process. A relay that forks it
+(launch.py's Python relay) copies the pytest process's page tables twice per test and tears them
+down twice: about 1.5 ms more CPU on a 30 MB process (``benchmarks/native_relay.py``).
 
-This relay shares the pytest process's memory instead: a ``clone(CLONE_VM)`` child running machine
-code (``relay_x86_64.S`` beside this file) on a stack of its own. It joins the namespaces, calls
-glibc's ``fork`` (so ``pthread_atfork`` handlers run, as for ``os.fork``), reports the test
-process's pid, then waits for it and reports its wait status and rusage on a pipe. The test
-process returns from :meth:`Native.fork` as from ``os.fork()``, with CPython's fork hooks run
-around it by that code, as ``os.fork`` runs them from C (PyOS_AfterFork_Child before any Python
-runs in the child: else a request for the GIL that another thread made before the fork could make
-the child drop the GIL and wait forever for a thread it does not have). The caller waits until
-the fork is made, with every signal blocked, so nothing in the shared memory moves while it is
-copied: on a futex the relay wakes, since a pipe write would wake it on the relay's core, behind
-the test process just forked there (see the .S file).
+This relay is forked once, as ``os.fork`` forks (glibc's ``fork``, so ``pthread_atfork`` handlers
+run, and CPython's fork hooks around it), and then runs only machine code (``relay_x86_64.S``
+beside this file): it joins the namespaces and makes the test process with ``clone(CLONE_VM)``,
+which shares the relay's memory instead of copying it, then waits for it on a stack of its own and
+writes how it ended to a pipe (:func:`read_status`). The test process returns from
+:meth:`Native.fork` as from ``os.fork()``, with CPython's after-fork code run first (else a request
+for the GIL that another thread made before the fork could make it drop the GIL and wait forever
+for a thread it does not have). The pytest process goes on as soon as the fork returns, as as root:
+the relay's joins and the clone happen while it does. (An earlier relay shared the pytest
+process's memory and forked the test process; the pytest process had to wait, with every signal
+blocked, until that fork was done: twice as long as a fork of its own.)
 
-Only on x86_64 with glibc. Elsewhere, where anonymous memory cannot be made executable (a security
-module's ``execmem`` rule), if its self-test fails, or with ``PYTEST_ISOLATE_NATIVE_RELAY=0``,
+Only on x86_64 with glibc (it also needs where glibc keeps a thread's TID, which libc exports for
+debuggers). Elsewhere, where anonymous memory cannot be made executable (a security module's
+``execmem`` rule), if its self-test fails, or with ``PYTEST_ISOLATE_NATIVE_RELAY=0``,
 :func:`native` returns None and launch.py forks a Python relay as before.
 """
 
@@ -30,7 +31,6 @@ import os
 import signal
 import struct
 import sys
-import threading
 
 from . import libc
 
@@ -40,31 +40,29 @@ if TYPE_CHECKING:
 
 # .text of relay_x86_64.S (as --64; objcopy -O binary -j .text)
 CODE_X86_64 = bytes.fromhex(
-    "535541544155415641574889fb4883ec08ff53684883c40848896320b838000000bf11012000488b731831d24c8b5348"
-    "4531c00f054885c00f84840000004989c47866b8030000008b7b380f0583bb80000000007527488b4348833800741eb8"
-    "ca000000488dbb80000000be8000000031d24c8d15af0100000f05ebd031c08b7b40488d7328ba100000000f054883f8"
-    "fc74ea4883f810741048c74328e0ffffff48c74330030000004883ec08ff53704883c4084c89e0415f415e415d415c5d"
-    "5bc3b89d000000bf01000000be090000000f054c8b7b38b8030000008b7b400f054c8b63104c8b6b08bd010000004d85"
-    "ed741eb834010000498b3c24498b7424080f054885c0782e4983c41049ffcdebddbd020000004883e4f0ff1385c00f84"
-    "b20000004863c0790bff535048630048f7d8eb0231ed4989c64881eca00000004889042448896c2408b8010000004c89"
-    "ff4889e6ba100000000f05c7838000000001000000b8ca000000488dbb80000000be81000000ba010000000f054d85f6"
-    "784bb89d000000bf0f000000488d35a50000000f05c744240cffffffffb83d0000004c89f7488d74240c31d24c8d5424"
-    "100f054883f8fc74e4b8010000004c89ff488d74240cba940000000f05b83c00000031ff0f05b8030000004c89ff0f05"
-    "488b73604885f6742864488b3c250000000048037b5831d241ba53300553b84e0100000f054885c07407c74704feffff"
-    "ff488b63204883ec08ff53784883c40831c0e990feffff90000000000000000080f0fa020000000069736f6c6174652d"
-    "72656c617900"
+    "535541544155415641574889fb4883ec08ff5350ff1385c074264c63e04d85e47909ff53384c632049f7dcff53584883"
+    "c4084c89e0415f415e415d415c5d5bc34883c408b89d000000bf01000000be090000000f05b8030000008b7b280f054c"
+    "8b7b204c8b63104c8b6b08bd010000004d85ed7422b834010000498b3c24498b7424080f054885c00f88a10000004983"
+    "c41049ffcdebd9488b73484885f6741f64488b3c250000000048037b40ba0100000041ba53300553b84e0100000f05bd"
+    "020000004989e4488b6318b838000000bf110100014c89e631d24c8b53304531c00f054885c0746f78454989c6b89d00"
+    "0000bf0f000000488d35a60000000f054883ec10c7042400000000c7442404ffffffffb83d0000004c89f7488d742404"
+    "31d24531d20f054883f8fc74e6eb0df7d84883ec10892c2489442404b8010000004c89ff4889e6ba080000000f05b83c"
+    "00000031ff0f05b8030000004c89ff0f05488b73484885f6742864488b3c250000000048037b4031d241ba53300553b8"
+    "4e0100000f054885c07407c74704feffffff4883ec08ff53604883c40831c0e991feffff69736f6c6174652d72656c61"
+    "7900"
 )
 
 SWITCH = "PYTEST_ISOLATE_NATIVE_RELAY"  # "0": always fork a Python relay
-STACK = 256 * 1024  # touched: a few pages (glibc's fork and the atfork handlers)
-STAGES = {1: "setns", 2: "fork", 3: "relay"}
+STACK = 16 * 1024  # the relay's, after the clone: a wait4 and a write
+STAGES = {1: "setns", 2: "clone"}
 _SIGSET = 128  # bytes in glibc's sigset_t
-_STATUS = struct.Struct("i144x")  # what the relay writes when the test process is gone: status + rusage
+_REPORT = struct.Struct("ii")  # what the relay writes once: stage (0: the status follows), value
 _PAGE = os.sysconf("SC_PAGESIZE")
 
 
 class RelayError(OSError):
-    """The relay could not join the sandbox (``stage`` "setns") or fork (``stage`` "fork"), or died."""
+    """The relay could not be forked (``stage`` "fork"), join the sandbox ("setns") or make the
+    test process ("clone")."""
 
     def __init__(self, errno: int, stage: str) -> None:
         super().__init__(errno, f"{stage} failed in the relay: {os.strerror(errno)}")
@@ -72,7 +70,7 @@ class RelayError(OSError):
 
 
 class Native:
-    """The relay's code in an executable page, its stacks, and what the call needs from libc."""
+    """The relay's code in an executable page, its stack, and what the call needs from libc."""
 
     def __init__(self) -> None:
         lib = libc.library()
@@ -85,8 +83,11 @@ class Native:
         if not address or not errno_location:
             raise OSError(0, "no fork or __errno_location in the C library")
         self._fork, self._errno = address, errno_location
+        self._tid = _tid_offset(lib)
+        self._self = lib.pthread_self
+        self._self.restype, self._self.argtypes = ctypes.c_void_p, []
         self._rseq = _rseq(lib)
-        # CPython's fork hooks, called by the relay's code around the clone (see relay_x86_64.S)
+        # CPython's fork hooks, called by the relay's code around the fork (see relay_x86_64.S)
         self._hooks = [ctypes.cast(getattr(ctypes.pythonapi, name), ctypes.c_void_p).value or 0
                        for name in ("PyOS_BeforeFork", "PyOS_AfterFork_Parent", "PyOS_AfterFork_Child")]
         if not all(self._hooks):
@@ -96,73 +97,62 @@ class Native:
         self._sigmask = lib.pthread_sigmask
         self._sigmask.restype, self._sigmask.argtypes = ctypes.c_int, [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
         self._all = ctypes.create_string_buffer(b"\xff" * _SIGSET, _SIGSET)
-        self._stacks: list[tuple[int, ctypes.c_int]] = []  # (top, busy word: zeroed by the kernel when its relay exits)
-        self._lock = threading.Lock()
-        os.register_at_fork(after_in_child=self._forked)
+        # Each relay's copy of this mapping is its stack; the test process, sharing the relay's
+        # memory, never touches it. A guard page below.
+        base = libc.mmap_anonymous(STACK + _PAGE, libc.PROT_READ | libc.PROT_WRITE, libc.MAP_NORESERVE | libc.MAP_STACK)
+        libc.mprotect(base, _PAGE, libc.PROT_NONE)
+        self._stack = base + STACK + _PAGE
 
-    def _forked(self) -> None:
-        """In a child (of os.fork, or of ours): another thread may have held the lock at the fork;
-        the stacks our relays run on stay busy here (the kernel zeroes only our copy's words)."""
-        self._lock = threading.Lock()
-        self._stacks = []
-
-    def _stack(self) -> tuple[int, ctypes.c_int]:
-        """A stack no relay runs on (its relay exited), marked busy; a new one if all are in use.
-        A private mapping: the test process must get a copy of it, not share it with the relay."""
-        with self._lock:
-            for top, busy in self._stacks:
-                if busy.value == 0:
-                    busy.value = 1
-                    return top, busy
-            base = libc.mmap_anonymous(STACK + _PAGE, libc.PROT_READ | libc.PROT_WRITE, libc.MAP_NORESERVE | libc.MAP_STACK)
-            libc.mprotect(base, _PAGE, libc.PROT_NONE)  # a guard page below it
-            stack = (base + STACK + _PAGE, ctypes.c_int(1))
-            self._stacks.append(stack)
-            return stack
-
-    def fork(self, joins: Sequence[tuple[int, int]]) -> tuple[int, int, int]:
+    def fork(self, joins: Sequence[tuple[int, int]]) -> tuple[int, int]:
         """Like ``os.fork()``, with the child born in the namespaces of ``joins`` ((fd, nstype) for
-        setns(2), in order). In the child: ``(0, 0, -1)``. In the parent: (the relay's pid, the
-        child's pid, a pipe the relay writes the child's wait status and rusage to when it is gone:
-        :func:`read_status`). The relay exits after that; reap it. Raises RelayError."""
+        setns(2), in order). In the child: ``(0, -1)``. In the parent: (the relay's pid, a pipe the
+        relay writes to once: :func:`read_status`). The relay exits after that; reap it. Raises
+        RelayError if the fork failed; a failed join or clone is reported on the pipe."""
         sys.audit("os.fork")
         pairs = (ctypes.c_long * (2 * len(joins) or 1))(*[value for pair in joins for value in pair])
         gate, report = os.pipe()
-        top, busy = self._stack()
         offset, length = self._rseq
-        args = (ctypes.c_long * 17)(self._fork, len(joins), ctypes.addressof(pairs), top, 0, 0, 0, report, gate,
-                                    ctypes.addressof(busy), self._errno, offset, length, *self._hooks, 0)
+        args = (ctypes.c_long * 13)(self._fork, len(joins), ctypes.addressof(pairs), self._stack, report, gate,
+                                    self._self() + self._tid, self._errno, offset, length, *self._hooks)
         mask = ctypes.create_string_buffer(_SIGSET)
         self._sigmask(signal.SIG_BLOCK, self._all, mask)
         relay = self._call(ctypes.addressof(args))  # fork hooks run inside, as os.fork runs them
         self._sigmask(signal.SIG_SETMASK, mask, None)
         if relay == 0:
-            return 0, 0, -1  # the pipe's ends: closed by the relay before its fork, and by us after
-        if relay < 0:  # no clone: the report end is still ours
-            busy.value = 0
-            os.close(report)
+            return 0, -1  # the pipe's ends: closed by the relay before its clone, and by us after
+        os.close(report)
+        if relay < 0:
             os.close(gate)
-            raise RelayError(-relay, "relay")
-        pid, stage = args[5], args[6]
-        if stage:
-            os.close(gate)
-            os.waitpid(relay, 0)
-            raise RelayError(-pid, STAGES.get(stage, "relay"))
-        return relay, pid, gate
+            raise RelayError(-relay, "fork")
+        return relay, gate
 
 
 def read_status(fd: int) -> Optional[int]:
-    """The wait status the relay reported on ``fd`` (blocks until the relay is done), or None."""
+    """The test process's wait status the relay reported on ``fd`` (blocks until the relay has
+    written or exited), or None if it did not say; raises RelayError if it could not start it."""
     data = b""
-    while len(data) < _STATUS.size:
-        chunk = os.read(fd, _STATUS.size - len(data))
+    while len(data) < _REPORT.size:
+        chunk = os.read(fd, _REPORT.size - len(data))
         if not chunk:
-            break
+            return None
         data += chunk
-    if len(data) < _STATUS.size:
-        return None
-    status: int = _STATUS.unpack(data)[0]
-    return None if status == -1 else status
+    stage, value = _REPORT.unpack(data)
+    if stage:
+        raise RelayError(value, STAGES.get(stage, "relay"))
+    return None if value == -1 else value
+
+
+def _tid_offset(lib: ctypes.CDLL) -> int:
+    """Where in its thread descriptor glibc keeps a thread's TID: the relay has the kernel write
+    the test process's there (CLONE_CHILD_SETTID), as glibc's fork does. libc describes the field
+    for debuggers (libthread_db): bits, count, offset."""
+    try:
+        bits, count, offset = (ctypes.c_uint32 * 3).in_dll(lib, "_thread_db_pthread_tid")
+    except ValueError:
+        raise OSError(0, "the C library does not say where it keeps a thread's TID (_thread_db_pthread_tid)") from None
+    if (bits, count) != (32, 1):
+        raise OSError(0, f"unexpected _thread_db_pthread_tid: {bits} bits, count {count}")
+    return int(offset)
 
 
 def _rseq(lib: ctypes.CDLL) -> tuple[int, int]:
@@ -217,18 +207,23 @@ def _unsupported() -> str:
 
 
 def _self_test(relay: Native) -> str:
-    """Fork a child that exits 42 at once; "" if that status comes back, else what went wrong."""
+    """Fork a child that checks glibc's copy of its TID and exits 42; "" if that status comes back,
+    else what went wrong."""
     try:
-        pid, child, report = relay.fork(())
+        pid, report = relay.fork(())
     except OSError as exc:
         return f"its self-test failed: {exc}"
     if pid == 0:
-        os._exit(42)
+        os._exit(42 if ctypes.c_int.from_address(relay._self() + relay._tid).value == os.getpid() else 43)
     try:
         status = read_status(report)
+    except RelayError as exc:
+        return f"its self-test failed: {exc}"
     finally:
         os.close(report)
         os.waitpid(pid, 0)
-    if status is None or not os.WIFEXITED(status) or os.WEXITSTATUS(status) != 42 or child <= 0:
+    if status is not None and os.WIFEXITED(status) and os.WEXITSTATUS(status) == 43:
+        return "its self-test's child found another TID where glibc keeps its own"
+    if status is None or not os.WIFEXITED(status) or os.WEXITSTATUS(status) != 42:
         return f"its self-test's child did not exit 42 (wait status {status})"
     return ""
