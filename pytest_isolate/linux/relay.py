@@ -31,8 +31,10 @@ import os
 import signal
 import struct
 import sys
+import time
 
 from . import libc
+from .tinyinit import memfd_executable
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -41,15 +43,24 @@ if TYPE_CHECKING:
 # .text of relay_x86_64.S (as --64; objcopy -O binary -j .text)
 CODE_X86_64 = bytes.fromhex(
     "535541544155415641574889fb4883ec08ff5350ff1385c074264c63e04d85e47909ff53384c632049f7dcff53584883"
-    "c4084c89e0415f415e415d415c5d5bc34883c408b89d000000bf01000000be090000000f05b8030000008b7b280f054c"
-    "8b7b204c8b63104c8b6b08bd010000004d85ed7422b834010000498b3c24498b7424080f054885c00f88a10000004983"
-    "c41049ffcdebd9488b73484885f6741f64488b3c250000000048037b40ba0100000041ba53300553b84e0100000f05bd"
-    "020000004989e4488b6318b838000000bf110100014c89e631d24c8b53304531c00f054885c0746f78454989c6b89d00"
-    "0000bf0f000000488d35a60000000f054883ec10c7042400000000c7442404ffffffffb83d0000004c89f7488d742404"
-    "31d24531d20f054883f8fc74e6eb0df7d84883ec10892c2489442404b8010000004c89ff4889e6ba080000000f05b83c"
-    "00000031ff0f05b8030000004c89ff0f05488b73484885f6742864488b3c250000000048037b4031d241ba53300553b8"
-    "4e0100000f054885c07407c74704feffffff4883ec08ff53604883c40831c0e991feffff69736f6c6174652d72656c61"
-    "7900"
+    "c4084c89e0415f415e415d415c5d5bc34883c408b89d000000bf01000000be090000000f05b8da00000031ff0f05b811"
+    "01000031ffbe180000000f05b8030000008b7b280f054c8b7b204c8b63104c8b6b08bd010000004d85ed7422b8340100"
+    "00498b3c24498b7424080f054885c00f88050100004983c41049ffcdebd9488b73484885f6741f64488b3c2500000000"
+    "48037b40ba0100000041ba53300553b84e0100000f054c8b6b68bd020000004989e4488b6318b838000000bf11010001"
+    "4c89e631d24c8b53304531c00f054885c00f84cb0000000f889d0000004989c64d85ed78534d85ff7512b84800000031"
+    "ffbe0200000031d20f05eb11b8210000004c89ff31f60f054885c0782b6a00488d05d900000050b8420100004c89ef48"
+    "8d35d60000004889e24531d241b8001000000f054883c410b89d000000bf0f000000488d35a60000000f054883ec10c7"
+    "042400000000c7442404ffffffffb83d0000004c89f7488d74240431d24531d20f054883f8fc74e6eb0df7d84883ec10"
+    "892c2489442404b8010000004c89ff4889e6ba080000000f05b83c00000031ff0f05b8030000004c89ff0f05488b7348"
+    "4885f6742864488b3c250000000048037b4031d241ba53300553b84e0100000f054885c07407c74704feffffff4883ec"
+    "08ff53604883c40831c0e916feffff69736f6c6174652d72656c617900"
+)
+
+# .text of relay_waiter_x86_64.S (the same way)
+WAITER_X86_64 = bytes.fromhex(
+    "b89d000000bf0f000000488d354d0000000f054883ec10c7042400000000c7442404ffffffffb83d00000048c7c7ffff"
+    "ffff488d74240431d24531d20f054883f8fc74e2b80100000031ff4889e6ba080000000f05b83c00000031ff0f056973"
+    "6f6c6174652d72656c617900"
 )
 
 SWITCH = "PYTEST_ISOLATE_NATIVE_RELAY"  # "0": always fork a Python relay
@@ -102,6 +113,11 @@ class Native:
         base = libc.mmap_anonymous(STACK + _PAGE, libc.PROT_READ | libc.PROT_WRITE, libc.MAP_NORESERVE | libc.MAP_STACK)
         libc.mprotect(base, _PAGE, libc.PROT_NONE)
         self._stack = base + STACK + _PAGE
+        # what the relay executes once the test process exists (see relay_waiter_x86_64.S)
+        waiter = memfd_executable("pytest-isolate-relay", WAITER_X86_64, SWITCH)
+        if waiter is None:
+            raise OSError(0, "no memfd for the relay's waiter")
+        self._waiter = int(waiter.rsplit("/", 1)[1])
 
     def fork(self, joins: Sequence[tuple[int, int]]) -> tuple[int, int]:
         """Like ``os.fork()``, with the child born in the namespaces of ``joins`` ((fd, nstype) for
@@ -112,8 +128,8 @@ class Native:
         pairs = (ctypes.c_long * (2 * len(joins) or 1))(*[value for pair in joins for value in pair])
         gate, report = os.pipe()
         offset, length = self._rseq
-        args = (ctypes.c_long * 13)(self._fork, len(joins), ctypes.addressof(pairs), self._stack, report, gate,
-                                    self._self() + self._tid, self._errno, offset, length, *self._hooks)
+        args = (ctypes.c_long * 14)(self._fork, len(joins), ctypes.addressof(pairs), self._stack, report, gate,
+                                    self._self() + self._tid, self._errno, offset, length, *self._hooks, self._waiter)
         mask = ctypes.create_string_buffer(_SIGSET)
         self._sigmask(signal.SIG_BLOCK, self._all, mask)
         relay = self._call(ctypes.addressof(args))  # fork hooks run inside, as os.fork runs them
@@ -207,14 +223,24 @@ def _unsupported() -> str:
 
 
 def _self_test(relay: Native) -> str:
-    """Fork a child that checks glibc's copy of its TID and exits 42; "" if that status comes back,
-    else what went wrong."""
+    """Fork a child that checks glibc's copy of its TID and that its relay became the waiter, then
+    exits 42; "" if that status comes back, else what went wrong."""
     try:
         pid, report = relay.fork(())
     except OSError as exc:
         return f"its self-test failed: {exc}"
     if pid == 0:
-        os._exit(42 if ctypes.c_int.from_address(relay._self() + relay._tid).value == os.getpid() else 43)
+        code = 42 if ctypes.c_int.from_address(relay._self() + relay._tid).value == os.getpid() else 43
+        for _ in range(2000):  # the relay executes the waiter while we run: at most 2 s
+            try:
+                if "pytest-isolate-relay" in os.readlink(f"/proc/{os.getppid()}/exe"):
+                    break
+            except OSError:
+                pass
+            time.sleep(0.001)
+        else:
+            code = 44
+        os._exit(code)
     try:
         status = read_status(report)
     except RelayError as exc:
@@ -222,8 +248,11 @@ def _self_test(relay: Native) -> str:
     finally:
         os.close(report)
         os.waitpid(pid, 0)
-    if status is not None and os.WIFEXITED(status) and os.WEXITSTATUS(status) == 43:
+    exited = os.WEXITSTATUS(status) if status is not None and os.WIFEXITED(status) else None
+    if exited == 43:
         return "its self-test's child found another TID where glibc keeps its own"
-    if status is None or not os.WIFEXITED(status) or os.WEXITSTATUS(status) != 42:
+    if exited == 44:
+        return "the relay could not execute its waiter (a memfd): memory would be charged to the wrong cgroup"
+    if exited != 42:
         return f"its self-test's child did not exit 42 (wait status {status})"
     return ""

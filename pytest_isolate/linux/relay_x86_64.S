@@ -15,6 +15,10 @@
  *  48 tid      glibc's copy of this thread's TID (the kernel writes the test process's there)
  *  56 errno    glibc's __errno_location  64 rseq offset from the thread pointer  72 rseq length
  *  80 before   PyOS_BeforeFork   88 parent  PyOS_AfterFork_Parent   96 child  PyOS_AfterFork_Child
+ * 104 waiter   a memfd of relay_waiter_x86_64.S's executable: once the test process exists the
+ *              relay executes it (the report pipe as its fd 0), so that the memory it shared
+ *              with the test process is the test process's alone and charged to its cgroup (the
+ *              kernel charges page faults to the memory's owner). If that fails it waits itself.
  * Returns the relay's pid in the caller, or -errno if the fork failed; 0 in the test process.
  * The caller blocks all signals around the call: the relay keeps them blocked (no handler may run
  * in memory the test process shares), the test process and the caller unblock them.
@@ -61,6 +65,13 @@ relay_process:               /* a copy of the caller; nothing of it runs but thi
 	mov $1, %edi
 	mov $9, %esi
 	syscall
+	mov $218, %eax           /* set_tid_address(NULL): glibc's fork has the kernel zero its TID */
+	xor %edi, %edi           /* word at our exit or exec; after the clone that word is the test */
+	syscall                  /* process's (which the kernel also writes its TID to) */
+	mov $273, %eax           /* set_robust_list(NULL, 24): the list in memory is the test process's too */
+	xor %edi, %edi
+	mov $24, %esi
+	syscall
 	mov $3, %eax             /* close(gate) */
 	mov 40(%rbx), %edi
 	syscall
@@ -91,6 +102,7 @@ cloneit:
 	mov $334, %eax
 	syscall
 no_rseq:
+	mov 104(%rbx), %r13      /* the waiter: nothing of args is read after the clone */
 	mov $2, %ebp
 	mov %rsp, %r12           /* the test process goes on on this stack; we leave it */
 	mov 24(%rbx), %rsp
@@ -105,6 +117,36 @@ no_rseq:
 	jz test_process
 	js failed
 	mov %rax, %r14           /* the test process: from now on it may change any memory but our stack */
+	test %r13, %r13
+	js wait_here             /* no waiter */
+	test %r15, %r15
+	jnz move_report
+	mov $72, %eax            /* fcntl(0, F_SETFD, 0): the report is fd 0 already; keep it open */
+	xor %edi, %edi
+	mov $2, %esi
+	xor %edx, %edx
+	syscall
+	jmp execute
+move_report:
+	mov $33, %eax            /* dup2(report, 0), not closed on exec */
+	mov %r15, %rdi
+	xor %esi, %esi
+	syscall
+	test %rax, %rax
+	js wait_here
+execute:
+	push $0                  /* argv: {"isolate-relay", NULL} */
+	lea name(%rip), %rax
+	push %rax
+	mov $322, %eax           /* execveat(waiter, "", argv, NULL, AT_EMPTY_PATH) */
+	mov %r13, %rdi
+	lea name+13(%rip), %rsi
+	mov %rsp, %rdx
+	xor %r10d, %r10d
+	mov $0x1000, %r8d
+	syscall
+	add $16, %rsp            /* it failed: wait here (the report is still r15) */
+wait_here:
 	mov $157, %eax           /* prctl(PR_SET_NAME, "isolate-relay") */
 	mov $15, %edi
 	lea name(%rip), %rsi

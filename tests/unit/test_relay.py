@@ -23,6 +23,7 @@ from pytest_isolate.linux import relay
 from conftest import assembled, need
 
 SOURCE = Path(relay.__file__).with_name("relay_x86_64.S")
+WAITER = Path(relay.__file__).with_name("relay_waiter_x86_64.S")
 NATIVE_HOST = platform.machine() == "x86_64" and bool(os.confstr("CS_GNU_LIBC_VERSION") if "CS_GNU_LIBC_VERSION" in os.confstr_names else "")
 
 PRELUDE = """
@@ -55,8 +56,10 @@ def checked(body: str) -> dict[str, Any]:
     return data
 
 
-def test_code_is_the_assembled_source(tmp_path: Path) -> None:
-    assert assembled(SOURCE, tmp_path) == relay.CODE_X86_64, "re-assemble it (see conftest.assembled) and paste its hex into relay.py"
+@pytest.mark.parametrize(("source", "code"), [(SOURCE, relay.CODE_X86_64), (WAITER, relay.WAITER_X86_64)],
+                         ids=["relay", "waiter"])
+def test_code_is_the_assembled_source(tmp_path: Path, source: Path, code: bytes) -> None:
+    assert assembled(source, tmp_path) == code, "re-assemble it (see conftest.assembled) and paste its hex into relay.py"
 
 
 def test_the_child_returns_as_from_fork_and_its_status_comes_back() -> None:
@@ -207,6 +210,58 @@ out.update(statuses=statuses)
 print(json.dumps(out))
 """)
     assert data["statuses"] == [5, 6, 7, 8, 9]
+
+
+def _memory_cgroup_parent() -> str:
+    """Where root may make a memory cgroup here (cgroup v1's memory hierarchy, or v2's root)."""
+    if os.path.isfile("/sys/fs/cgroup/memory/cgroup.procs"):
+        return "/sys/fs/cgroup/memory"
+    try:
+        with open("/sys/fs/cgroup/cgroup.subtree_control") as f:
+            if "memory" in f.read().split():
+                return "/sys/fs/cgroup"
+    except OSError:
+        pass
+    return ""
+
+
+def test_the_childs_memory_is_charged_to_the_childs_cgroup() -> None:
+    """The kernel charges page faults to the cgroup of the memory's owner, the process the child
+    shares it with (the relay) until that one executes something else: the relay becomes its
+    waiter, so 64 MiB the child copies on write and 32 MiB it allocates count in its own cgroup."""
+    if os.getuid() != 0:
+        pytest.skip("needs root, to make a memory cgroup (rootless, the cgroup v2 tests of the marker cover it)")
+    parent = _memory_cgroup_parent()
+    need(bool(parent), "a memory cgroup controller")
+    cgroup = os.path.join(parent, f"isolate-relay-test-{os.getpid()}")
+    os.mkdir(cgroup)
+    try:
+        data = checked(f"""
+import time
+usage = "memory.usage_in_bytes" if os.path.exists({cgroup!r} + "/memory.usage_in_bytes") else "memory.current"
+big = bytearray(64 << 20)
+for i in range(0, len(big), 4096):
+    big[i] = 1
+said, tell = os.pipe()
+pid, report = native.fork(())
+if pid == 0:
+    with open({cgroup!r} + "/cgroup.procs", "w") as f:
+        f.write(str(os.getpid()))
+    for i in range(0, len(big), 4096):
+        big[i] = 2
+    fresh = bytearray(32 << 20)
+    for i in range(0, len(fresh), 4096):
+        fresh[i] = 3
+    with open({cgroup!r} + "/" + usage) as f:
+        os.write(tell, f.read().encode())
+    os._exit(0)
+out.update(charged=int(os.read(said, 64)), status=finish(pid, report))
+print(json.dumps(out))
+""")
+    finally:
+        os.rmdir(cgroup)
+    assert data["status"] == 0
+    assert data["charged"] >= 90 * 2**20, f"only {data['charged'] >> 20} MiB charged to the child's cgroup"
 
 
 def test_switched_off_by_the_environment() -> None:
