@@ -307,13 +307,13 @@ def _systemd_user_feature() -> Optional[Feature]:
 
 
 def relay_feature() -> Feature:
-    """Whether rootless test processes come from a relay sharing pytest's memory (relay.py). For
+    """Whether rootless test processes come from the native relay (relay.py). For
     the doctor only: the plugin never branches on it, and making the relay (a fork, ~2 ms) is
     left to the first rootless test."""
     from . import relay
 
     ok = relay.native() is not None
-    detail = "the test process is the only copy of pytest made per test" if ok else relay.why_not()
+    detail = "the relay is the only copy of pytest made per test" if ok else relay.why_not()
     return Feature("native relay", ok, detail, None, required=False)
 
 
