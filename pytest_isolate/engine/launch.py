@@ -457,7 +457,7 @@ class Launcher:
                      ns: Namespaces, procs: tuple[str, ...]) -> tuple[int, int]:
         """Rootless with a relay that shares our memory: what _relay does, without a copy of us."""
         try:
-            pid, status_fd = relay.fork(ns.pairs(_relay_flags(plan)))
+            pid, status_fd = relay.fork(ns.pairs(_relay_flags(plan)), charged=bool(procs))  # procs: it has a leaf
         except native_relay.RelayError as exc:
             raise SetupFailure(exc.stage, exc.errno, str(exc)) from None
         if pid == 0:

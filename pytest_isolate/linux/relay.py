@@ -119,17 +119,21 @@ class Native:
             raise OSError(0, "no memfd for the relay's waiter")
         self._waiter = int(waiter.rsplit("/", 1)[1])
 
-    def fork(self, joins: Sequence[tuple[int, int]]) -> tuple[int, int]:
+    def fork(self, joins: Sequence[tuple[int, int]], charged: bool = True) -> tuple[int, int]:
         """Like ``os.fork()``, with the child born in the namespaces of ``joins`` ((fd, nstype) for
         setns(2), in order). In the child: ``(0, -1)``. In the parent: (the relay's pid, a pipe the
         relay writes to once: :func:`read_status`). The relay exits after that; reap it. Raises
-        RelayError if the fork failed; a failed join or clone is reported on the pipe."""
+        RelayError if the fork failed; a failed join or clone is reported on the pipe.
+
+        ``charged``: the child joins a memory cgroup of its own, so the relay executes its waiter
+        to hand it its memory (0.1 ms of CPU); without, it waits as it is."""
         sys.audit("os.fork")
         pairs = (ctypes.c_long * (2 * len(joins) or 1))(*[value for pair in joins for value in pair])
         gate, report = os.pipe()
         offset, length = self._rseq
         args = (ctypes.c_long * 14)(self._fork, len(joins), ctypes.addressof(pairs), self._stack, report, gate,
-                                    self._self() + self._tid, self._errno, offset, length, *self._hooks, self._waiter)
+                                    self._self() + self._tid, self._errno, offset, length, *self._hooks,
+                                    self._waiter if charged else -1)
         mask = ctypes.create_string_buffer(_SIGSET)
         self._sigmask(signal.SIG_BLOCK, self._all, mask)
         relay = self._call(ctypes.addressof(args))  # fork hooks run inside, as os.fork runs them

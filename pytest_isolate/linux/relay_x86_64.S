@@ -18,7 +18,8 @@
  * 104 waiter   a memfd of relay_waiter_x86_64.S's executable: once the test process exists the
  *              relay executes it (the report pipe as its fd 0), so that the memory it shared
  *              with the test process is the test process's alone and charged to its cgroup (the
- *              kernel charges page faults to the memory's owner). If that fails it waits itself.
+ *              kernel charges page faults to the memory's owner). -1 (no cgroup of its own to
+ *              charge), or if the exec fails: the relay waits itself.
  * Returns the relay's pid in the caller, or -errno if the fork failed; 0 in the test process.
  * The caller blocks all signals around the call: the relay keeps them blocked (no handler may run
  * in memory the test process shares), the test process and the caller unblock them.

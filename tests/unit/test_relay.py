@@ -212,6 +212,25 @@ print(json.dumps(out))
     assert data["statuses"] == [5, 6, 7, 8, 9]
 
 
+def test_with_no_cgroup_to_charge_the_relay_waits_itself() -> None:
+    """``charged=False`` (the test has no cgroup of its own): no exec, the same status and TID."""
+    data = checked("""
+import time
+libc = ctypes.CDLL(None)
+libc.pthread_self.restype = ctypes.c_void_p
+said, tell = os.pipe()
+pid, report = native.fork((), charged=False)
+if pid == 0:
+    time.sleep(0.05)  # a relay that executes its waiter has done so by now
+    os.write(tell, os.readlink(f"/proc/{os.getppid()}/exe").encode())
+    os._exit(7 if ctypes.c_int.from_address(libc.pthread_self() + native._tid).value == os.getpid() else 8)
+out.update(relay=os.read(said, 4096).decode(), me=os.readlink("/proc/self/exe"), status=finish(pid, report))
+print(json.dumps(out))
+""")
+    assert data["status"] == 7
+    assert data["relay"] == data["me"], "the relay executed its waiter though nothing was to be charged"
+
+
 def _memory_cgroup_parent() -> str:
     """Where root may make a memory cgroup here (cgroup v1's memory hierarchy, or v2's root)."""
     if os.path.isfile("/sys/fs/cgroup/memory/cgroup.procs"):
