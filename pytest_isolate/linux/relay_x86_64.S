@@ -15,11 +15,11 @@
  *  48 tid      glibc's copy of this thread's TID (the kernel writes the test process's there)
  *  56 errno    glibc's __errno_location  64 rseq offset from the thread pointer  72 rseq length
  *  80 before   PyOS_BeforeFork   88 parent  PyOS_AfterFork_Parent   96 child  PyOS_AfterFork_Child
- * 104 waiter   a memfd of relay_waiter_x86_64.S's executable: once the test process exists the
+ * 104 waiter   a memfd of the waiter below as a program: once the test process exists the
  *              relay executes it (the report pipe as its fd 0), so that the memory it shared
  *              with the test process is the test process's alone and charged to its cgroup (the
  *              kernel charges page faults to the memory's owner). -1 (no cgroup of its own to
- *              charge), or if the exec fails: the relay waits itself.
+ *              charge), or if the exec fails: the relay runs the waiter's code itself.
  * Returns the relay's pid in the caller, or -errno if the fork failed; 0 in the test process.
  * The caller blocks all signals around the call: the relay keeps them blocked (no handler may run
  * in memory the test process shares), the test process and the caller unblock them.
@@ -117,25 +117,22 @@ no_rseq:
 	test %rax, %rax
 	jz test_process
 	js failed
-	mov %rax, %r14           /* the test process: from now on it may change any memory but our stack */
-	test %r13, %r13
-	js wait_here             /* no waiter */
-	test %r15, %r15
+	test %r15, %r15          /* the test process: from now on it may change any memory but our stack */
 	jnz move_report
 	mov $72, %eax            /* fcntl(0, F_SETFD, 0): the report is fd 0 already; keep it open */
 	xor %edi, %edi
 	mov $2, %esi
 	xor %edx, %edx
 	syscall
-	jmp execute
+	jmp moved
 move_report:
-	mov $33, %eax            /* dup2(report, 0), not closed on exec */
+	mov $33, %eax            /* dup2(report, 0), not closed on exec: the waiter's report */
 	mov %r15, %rdi
 	xor %esi, %esi
 	syscall
-	test %rax, %rax
-	js wait_here
-execute:
+moved:
+	test %r13, %r13
+	js waiter                /* nothing to charge: be the waiter here */
 	push $0                  /* argv: {"isolate-relay", NULL} */
 	lea name(%rip), %rax
 	push %rax
@@ -146,25 +143,8 @@ execute:
 	xor %r10d, %r10d
 	mov $0x1000, %r8d
 	syscall
-	add $16, %rsp            /* it failed: wait here (the report is still r15) */
-wait_here:
-	mov $157, %eax           /* prctl(PR_SET_NAME, "isolate-relay") */
-	mov $15, %edi
-	lea name(%rip), %rsi
-	syscall
-	sub $16, %rsp
-	movl $0, (%rsp)          /* stage 0 */
-	movl $-1, 4(%rsp)        /* the status stays -1 if the wait fails */
-reap:
-	mov $61, %eax            /* wait4(pid, &status, 0, NULL) */
-	mov %r14, %rdi
-	lea 4(%rsp), %rsi
-	xor %edx, %edx
-	xor %r10d, %r10d
-	syscall
-	cmp $-4, %rax
-	je reap
-	jmp say
+	add $16, %rsp
+	jmp waiter               /* it failed: the same here */
 failed:
 	neg %eax
 	sub $16, %rsp
@@ -203,4 +183,36 @@ back:
 	xor %eax, %eax
 	jmp out
 
+/* The waiter, in the relay or as a program of its own: relay.py makes an executable of the code
+ * from here to waiter_at (the memfd the relay executes). No libc, position-independent. Waits for
+ * its only child, the test process, writes {0, its wait status} (two 32-bit ints) to fd 0 and
+ * exits. Every signal stays blocked (the relay's mask survives the exec).
+ */
+waiter:
+	mov $157, %eax           /* prctl(PR_SET_NAME, "isolate-relay"), for ps */
+	mov $15, %edi
+	lea name(%rip), %rsi
+	syscall
+	sub $16, %rsp
+	movl $0, (%rsp)          /* stage 0: the status follows */
+	movl $-1, 4(%rsp)        /* the status stays -1 if the wait fails */
+reap:
+	mov $61, %eax            /* wait4(-1, &status, 0, NULL) */
+	mov $-1, %rdi
+	lea 4(%rsp), %rsi
+	xor %edx, %edx
+	xor %r10d, %r10d
+	syscall
+	cmp $-4, %rax
+	je reap
+	mov $1, %eax             /* write(0, {0, status}, 8) */
+	xor %edi, %edi
+	mov %rsp, %rsi
+	mov $8, %edx
+	syscall
+	mov $60, %eax            /* exit(0) */
+	xor %edi, %edi
+	syscall
 name:	.asciz "isolate-relay"
+	.balign 8
+waiter_at:	.quad waiter - relay  /* the last 8 bytes: where the waiter starts */
