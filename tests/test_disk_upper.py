@@ -17,18 +17,26 @@ from conftest import Runner
 
 OLD_KERNEL = """
 import pytest_isolate.engine.host as host
+import pytest_isolate.engine.sandbox as sandbox
+import pytest_isolate.plugin.hooks as hooks
 
 host.TMPFS_USERXATTR_KERNEL = (999, 0)  # plan as a kernel without user xattrs on tmpfs would
+
+def _recorded():  # the bases this run makes, for the check that they are gone afterwards
+    made = host.disk_upper_dirs()
+    with open("bases", "a") as f:
+        f.write("".join(base + "\\n" for base in made))
+    return made
+
+hooks.disk_upper_dirs = sandbox.disk_upper_dirs = _recorded
 """
 
 
-def _upper_dirs() -> set[str]:
-    found = set()
-    for top in ("/var/tmp", os.environ.get("TMPDIR", "/tmp")):
-        base = os.path.join(top, f"pytest-isolate-{os.getuid()}")
-        if os.path.isdir(base):
-            found.update(os.path.join(base, name) for name in os.listdir(base))
-    return found
+def _left_behind(pytester: pytest.Pytester) -> list[str]:
+    """The run's upper layer bases still on disk (others' runs may be using theirs meanwhile)."""
+    bases = (pytester.path / "bases").read_text().split()
+    assert bases, "the run made no upper layer bases on disk"
+    return [base for base in bases if os.path.exists(base)]
 
 
 def test_overlapping_tests_keep_their_upper_layers(pytester: pytest.Pytester, run: Runner) -> None:
@@ -49,12 +57,11 @@ def test_overlapping_tests_keep_their_upper_layers(pytester: pytest.Pytester, ru
                 f.write("x" * 100000)
             os.mkdir(f"/var/tmp/isolate-disk-{i}")
     """)
-    before = _upper_dirs()
     result = run("-p", "no:randomly")
     result.assert_outcomes(passed=10)
     assert not list(pytester.path.glob("isolate-disk-*"))
     assert not os.path.exists("/tmp/isolate-disk-0")
-    assert _upper_dirs() - before == set()
+    assert _left_behind(pytester) == []
 
 
 def test_sandbox_builds_ahead_with_upper_layers_on_disk(pytester: pytest.Pytester, run: Runner) -> None:
@@ -72,7 +79,6 @@ def test_sandbox_builds_ahead_with_upper_layers_on_disk(pytester: pytest.Pyteste
                                      text=True, check=True)
                     assert result.stdout.split() == ["0", str(i)], result
     """)
-    before = _upper_dirs()
     result = run("-p", "no:randomly")
     result.assert_outcomes(passed=1)
-    assert _upper_dirs() - before == set()
+    assert _left_behind(pytester) == []

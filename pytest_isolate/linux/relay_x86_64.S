@@ -150,15 +150,11 @@ failed:
 	sub $16, %rsp
 	mov %ebp, (%rsp)
 	mov %eax, 4(%rsp)
-say:
-	mov $1, %eax             /* write(report, {stage, value}, 8) */
+	mov $33, %eax            /* dup2(report, 0), where the waiter's code says it */
 	mov %r15, %rdi
-	mov %rsp, %rsi
-	mov $8, %edx
+	xor %esi, %esi
 	syscall
-	mov $60, %eax            /* exit(0) */
-	xor %edi, %edi
-	syscall
+	jmp say
 
 test_process:                /* on the caller's stack, in the relay's memory */
 	mov $3, %eax             /* close(report) */
@@ -205,7 +201,8 @@ reap:
 	syscall
 	cmp $-4, %rax
 	je reap
-	mov $1, %eax             /* write(0, {0, status}, 8) */
+say:
+	mov $1, %eax             /* write(0, {stage, value}, 8) */
 	xor %edi, %edi
 	mov %rsp, %rsi
 	mov $8, %edx
