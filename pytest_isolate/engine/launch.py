@@ -455,7 +455,8 @@ class Launcher:
 
     def _fork_native(self, relay: native_relay.Native, plan: Plan, chan: Channel, target: Callable[[Channel], int],
                      ns: Namespaces, procs: tuple[str, ...]) -> tuple[int, int]:
-        """Rootless with a relay that shares our memory: what _relay does, without a copy of us."""
+        """Rootless with the native relay: what _relay does, with one copy of us (the relay's,
+        which the test process shares) instead of two."""
         try:
             pid, status_fd = relay.fork(ns.pairs(_relay_flags(plan)), charged=bool(procs))  # procs: it has a leaf
         except native_relay.RelayError as exc:

@@ -13,7 +13,7 @@ which shares the relay's memory instead of copying it, then waits for it on a st
 writes how it ended to a pipe (:func:`read_status`). The test process returns from
 :meth:`Native.fork` as from ``os.fork()``, with CPython's after-fork code run first (else a request
 for the GIL that another thread made before the fork could make it drop the GIL and wait forever
-for a thread it does not have). The pytest process goes on as soon as the fork returns, as as root:
+for a thread it does not have). The pytest process goes on as soon as the fork returns, as it does as root:
 the relay's joins and the clone happen while it does. (An earlier relay shared the pytest
 process's memory and forked the test process; the pytest process had to wait, with every signal
 blocked, until that fork was done: twice as long as a fork of its own.)

@@ -23,8 +23,8 @@
  * Returns the relay's pid in the caller, or -errno if the fork failed; 0 in the test process.
  * The caller blocks all signals around the call: the relay keeps them blocked (no handler may run
  * in memory the test process shares), the test process and the caller unblock them.
- * CPython's fork hooks are called here, as os.fork calls them from C. The test process runs
- * PyOS_AfterFork_Child again before any Python: it is a new process (its thread id is new too).
+ * CPython's fork hooks are called here, as os.fork calls them from C: Before and Parent in the
+ * caller; Child in the test process only, before any Python runs there (the relay runs none).
  */
 	.text
 	.globl relay
