@@ -33,12 +33,15 @@ def test_doctor_json_matches_the_table() -> None:
 
 def test_one_child_probe_finds_what_a_child_per_feature_finds() -> None:
     """The probe tries everything in one child where the host allows every namespace: the features,
-    their verdicts and details must be those of trying each in a child of its own."""
+    their verdicts and details must be those of trying each in a child of its own, and of that
+    child started early (as the plugin does, before conftest files load) and read later."""
     code = (
         "import json\n"
-        "from pytest_isolate.linux.probe import probe\n"
-        "print(json.dumps([[repr(f) for f in probe(one_by_one=b).features] for b in (False, True)]))\n"
+        "from pytest_isolate.linux.probe import probe, start\n"
+        "early = start()\n"
+        "runs = [probe(one_by_one=b).features for b in (False, True)] + [probe(started=early).features]\n"
+        "print(json.dumps([[repr(f) for f in features] for features in runs]))\n"
     )
-    together, apart = json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                                                check=True).stdout)
-    assert together == apart
+    together, apart, early = json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                                       check=True).stdout)
+    assert together == apart == early

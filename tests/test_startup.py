@@ -1,5 +1,6 @@
-"""When the factory's process starts: with --isolate at session start (its interpreter starts while
-pytest collects), otherwise on the first isolated test; never for a run that isolates nothing."""
+"""When the factory's process starts: with --isolate before pytest loads conftest files (its
+interpreter starts while pytest loads them and collects), otherwise on the first isolated test;
+never for a run that isolates nothing. The probe's child is started as early and reaped."""
 
 from __future__ import annotations
 
@@ -21,8 +22,10 @@ def _cmdline(process):
 def _factory_running():
     return any("pytest_isolate.engine.factory" in _cmdline(c) for c in psutil.Process().children())
 
+AT_IMPORT = _factory_running()
+
 def pytest_collection_finish(session):
-    print(f"\\nFACTORY-AT-COLLECTION={_factory_running()}")
+    print(f"\\nFACTORY-AT-CONFTEST={AT_IMPORT} FACTORY-AT-COLLECTION={_factory_running()}")
 """
 
 
@@ -45,8 +48,28 @@ def test_factory_starts_at_session_start_only_with_isolate(pytester: pytest.Pyte
             pass
     """)
     result = run("-s", *args)
-    result.stdout.fnmatch_lines([f"FACTORY-AT-COLLECTION={started}"])
+    result.stdout.fnmatch_lines([f"FACTORY-AT-CONFTEST={started} FACTORY-AT-COLLECTION={started}"])
     assert result.ret == 0
+
+
+def test_early_start_is_undone_when_configuration_fails(pytester: pytest.Pytester, run: Runner) -> None:
+    """The factory and the probe's child, started before conftest files load, end with the run
+    also when pytest_configure refuses the options: after the last unconfigure hook the pytest
+    process has no child left (none killed by its death: closed and reaped)."""
+    pytester.makeconftest(RECORD_FACTORY + """
+import pytest
+
+@pytest.hookimpl(trylast=True)
+def pytest_unconfigure(config):
+    left = [c.pid for c in psutil.Process().children()]
+    with open("ends.txt", "w") as f:
+        f.write(f"factory-at-import={AT_IMPORT} children-at-end={left}")
+""")
+    pytester.makepyfile("def test_one():\n    pass\n")
+    result = run("--isolate", "--isolate-memory=lots")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*lots*"])
+    assert (pytester.path / "ends.txt").read_text() == "factory-at-import=True children-at-end=[]"
 
 
 def test_xdist_controller_starts_no_factory(pytester: pytest.Pytester, run: Runner) -> None:

@@ -252,8 +252,8 @@ class Running:
 class Launcher:
     """Runs payloads in sandboxes from one factory, ordering the next sandbox ahead of time."""
 
-    def __init__(self, cgroups: Optional[Driver] = None) -> None:
-        self.factory: Optional[Factory] = None
+    def __init__(self, cgroups: Optional[Driver] = None, factory: Optional[Factory] = None) -> None:
+        self.factory = factory  # one started early may be handed in (see hooks.Early)
         self.pending: list[tuple[str, int, Optional[Leaf]]] = []  # (blueprint json, ticket, its leaf), oldest first
         self.own_pid_ns = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
         self.driver = cgroups
@@ -395,6 +395,8 @@ class Launcher:
     def _take_with_leaf(self, plan: Plan) -> tuple[Prepared, Optional[Leaf]]:
         if not self.pending or self.pending[0][0] != plan.key:
             self.prepare(plan)
+        if plan.userns:
+            native_relay.native()  # made and self-tested once (~3 ms): best while the factory builds
         _, ticket, leaf = self.pending.pop(0)
         try:
             return self._factory().collect(ticket), leaf

@@ -70,24 +70,39 @@ def _attempt(func: Callable[[], str]) -> Result:
         return False, f"{type(exc).__name__}: {exc}", None
 
 
+class _Child:
+    """``func`` running in a forked child, which sends back the results it returned by name."""
+
+    def __init__(self, func: Callable[[], dict[str, Result]]) -> None:
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            os.close(read)
+            try:
+                os.write(write, json.dumps(func()).encode())
+            finally:
+                os._exit(0)
+        os.close(write)
+        self.pid, self.read = pid, read
+        self._results: Optional[dict[str, Result]] = None
+
+    def results(self) -> dict[str, Result]:
+        """Wait for the child: its results (none if it died)."""
+        if self._results is None:
+            with os.fdopen(self.read, "rb") as f:
+                data = f.read()
+            os.waitpid(self.pid, 0)
+            try:
+                self._results = {name: (bool(ok), str(detail), errno)
+                                 for name, (ok, detail, errno) in json.loads(data).items()}
+            except ValueError:
+                self._results = {}
+        return self._results
+
+
 def _in_child_each(func: Callable[[], dict[str, Result]]) -> dict[str, Result]:
     """Run ``func`` in a forked child: the results it returned by name (none if it died)."""
-    read, write = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        os.close(read)
-        try:
-            os.write(write, json.dumps(func()).encode())
-        finally:
-            os._exit(0)
-    os.close(write)
-    with os.fdopen(read, "rb") as f:
-        data = f.read()
-    os.waitpid(pid, 0)
-    try:
-        return {name: (bool(ok), str(detail), errno) for name, (ok, detail, errno) in json.loads(data).items()}
-    except ValueError:
-        return {}
+    return _Child(func).results()
 
 
 def _in_child(func: Callable[[], str]) -> Result:
@@ -201,17 +216,39 @@ def _namespace_features(userns: bool) -> list[Feature]:
     return features
 
 
-def _all_in_one_child(userns: bool, lower: str) -> list[Feature]:
+class Started:
+    """The probe's child, started early (:func:`start`): it tries the namespaces while pytest
+    loads conftest files and collects; :func:`probe` reads what it found."""
+
+    def __init__(self, lower: str = "/usr") -> None:
+        self.userns, self.lower = os.getuid() != 0, lower
+        steps = _steps(self.userns, lower)
+        userns = self.userns
+
+        def run() -> dict[str, Result]:
+            _enter(_every_namespace(), userns)
+            return {name: _attempt(step) for name, _, step, _ in steps}
+
+        self.child = _Child(run)
+
+    def close(self) -> None:
+        """Reap the child if nobody asked for its results (it ends by itself within milliseconds)."""
+        self.child.results()
+
+
+def start(lower: str = "/usr") -> Started:
+    """Fork the probe's child now; :func:`probe` with ``started=`` collects it."""
+    return Started(lower)
+
+
+def _all_in_one_child(userns: bool, lower: str, started: Optional[Started] = None) -> list[Feature]:
     """The common case, a host that allows everything: every namespace in one unshare() and every
     feature tried in that child (one fork, and one for /proc's new PID namespace, instead of
     seven). Empty when the unshare() fails: then each is tried on its own, for its own error."""
     steps = _steps(userns, lower)
-
-    def run() -> dict[str, Result]:
-        _enter(_every_namespace(), userns)
-        return {name: _attempt(step) for name, _, step, _ in steps}
-
-    results = _in_child_each(run)
+    if started is None or (started.userns, started.lower) != (userns, lower):
+        started = Started(lower)
+    results = started.child.results()
     if any(name not in results for name, _, _, _ in steps):
         return []
     features = [Feature(name, True, "unshare() works", None, flag != libc.CLONE_NEWUSER or userns) for name, flag in NAMESPACES]
@@ -317,15 +354,17 @@ def relay_feature() -> Feature:
     return Feature("native relay", ok, detail, None, required=False)
 
 
-def probe(lower: str = "/usr", cgroups: Optional[Driver] = None, one_by_one: bool = False) -> Capabilities:
+def probe(lower: str = "/usr", cgroups: Optional[Driver] = None, one_by_one: bool = False,
+          started: Optional[Started] = None) -> Capabilities:
     """Try every feature the sandbox needs, in one child process where the host allows all of them.
 
     ``cgroups``: the session's driver, so that its (cached, possibly process-moving) availability
     check is done once; detected afresh when not given. ``one_by_one``: a child per feature even
-    where one would do (what the result must not depend on).
+    where one would do (what the result must not depend on). ``started``: that child, forked
+    earlier by :func:`start` (the plugin does so before pytest loads conftest files).
     """
     userns = os.getuid() != 0
-    features = ([] if one_by_one else _all_in_one_child(userns, lower)) or _one_by_one(userns, lower)
+    features = ([] if one_by_one else _all_in_one_child(userns, lower, started)) or _one_by_one(userns, lower)
     fuse = shutil.which("fuse-overlayfs")
     features.append(Feature("fuse-overlayfs", bool(fuse), fuse or "not installed", None, required=False))
     features.append(_cgroup_version_feature(cgroups))

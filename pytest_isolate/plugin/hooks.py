@@ -18,7 +18,8 @@ from ..engine.host import current_host, disk_upper_dirs
 from ..engine.launch import Launcher, Outcome, Plan, Running
 from ..engine.spec import SandboxSpec, SpecError
 from ..linux.cgroups import Driver, NoneDriver, detect
-from ..linux.probe import Capabilities, probe
+from ..engine.factory import Factory
+from ..linux.probe import Capabilities, Started, probe, start as start_probe
 from . import protocol
 from .marker import MARKER_HELP, item_spec
 from .options import Settings, add_options, read_settings
@@ -45,12 +46,34 @@ class IsolationDegradedWarning(pytest.PytestWarning, errors.IsolationDegradedWar
     """An isolated test ran with less isolation than it asked for (--isolate-unavailable=degrade)."""
 
 
+class Early:
+    """What is started before pytest loads conftest files (pytest_load_initial_conftests), to be
+    ready when the session needs it: the probe's child and, with --isolate, the factory, whose
+    interpreter takes tens of milliseconds to start. Handed to State, or closed unused."""
+
+    def __init__(self, probing: Optional[Started], factory: Optional[Factory]) -> None:
+        self.probing = probing
+        self.factory = factory
+
+    def close(self) -> None:
+        if self.probing is not None:
+            self.probing.close()
+            self.probing = None
+        if self.factory is not None:
+            self.factory.close()
+            self.factory = None
+
+
+EARLY_KEY = pytest.StashKey[Early]()
+
+
 class State:
     """Everything pytest-isolate holds for one pytest process; released in pytest_unconfigure."""
 
     def __init__(self, config: pytest.Config, settings: Settings) -> None:
         self.config = config
         self.settings = settings
+        self.early = config.stash.get(EARLY_KEY, None) or Early(None, None)
         self.recorder = Recorder()
         self._launcher: Optional[Launcher] = None
         self._caps: Optional[Capabilities] = None
@@ -62,7 +85,7 @@ class State:
     @property
     def caps(self) -> Capabilities:
         if self._caps is None:
-            self._caps = probe(cgroups=self.driver)
+            self._caps = probe(cgroups=self.driver, started=self.early.probing)
         return self._caps
 
     @property
@@ -75,7 +98,8 @@ class State:
     @property
     def launcher(self) -> Launcher:
         if self._launcher is None:
-            self._launcher = Launcher(self.driver)
+            factory, self.early.factory = self.early.factory, None
+            self._launcher = Launcher(self.driver, factory)
         return self._launcher
 
     @property
@@ -105,6 +129,7 @@ class State:
         if self._launcher is not None:
             self._launcher.close()
             self._launcher = None
+        self.early.close()
         # upper layer bases on disk: the factory removes each once its last build is gone; here
         # those of a plan it never built for
         for plan in self.plans.values():
@@ -132,6 +157,36 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     add_options(parser)
 
 
+def _starts_early(early_config: pytest.Config) -> tuple[bool, bool]:
+    """Whether to start the probe, and the factory, before conftest files load: the probe unless
+    pytest only prints its help or version; the factory with --isolate where this process will
+    run the tests, as far as the options tell this early (a pytest-xdist worker is told later:
+    its factory starts at pytest_sessionstart)."""
+    ns = early_config.known_args_namespace
+    if getattr(ns, "help", False) or getattr(ns, "version", False):
+        return False, False
+    here = (not getattr(ns, "collectonly", False) and getattr(ns, "dist", "no") == "no"
+            and not getattr(ns, "numprocesses", None) and not getattr(ns, "tx", None))
+    return True, bool(getattr(ns, "isolate", False)) and here
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_load_initial_conftests(early_config: pytest.Config) -> None:
+    """Start the probe's child and (see _starts_early) the factory now, so that both work while
+    pytest loads conftest files and collects, instead of while the session waits."""
+    probing, factory = _starts_early(early_config)
+    if not probing or EARLY_KEY in early_config.stash:
+        return
+    early = Early(None, None)
+    early_config.stash[EARLY_KEY] = early
+    try:
+        early.probing = start_probe()
+        if factory:
+            early.factory = Factory()
+    except OSError:  # no fork, no processes left: the session tries again where the error reaches a test
+        pass
+
+
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", MARKER_HELP)
     try:
@@ -148,6 +203,9 @@ def pytest_unconfigure(config: pytest.Config) -> None:
     if state is not None:
         state.close()
         config.pluginmanager.unregister(state)
+    early = config.stash.get(EARLY_KEY, None)
+    if early is not None:  # pytest_configure failed before it made State
+        early.close()
 
 
 def header_line(caps: Capabilities, driver: Driver) -> str:
@@ -175,10 +233,13 @@ def _runs_tests_here(config: pytest.Config) -> bool:
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_sessionstart(session: pytest.Session) -> None:
-    """With --isolate every test needs the factory: start its process now, so that its interpreter
-    starts while pytest collects rather than while the first test waits for its sandbox."""
+    """With --isolate every test needs the factory: start its process now if it was not started
+    early (a pytest-xdist worker), so that its interpreter starts while pytest collects rather
+    than while the first test waits for its sandbox."""
     config = session.config
     state = _state(config)
+    if state.early.factory is not None:
+        return
     if config.getoption("isolate") and _runs_tests_here(config) and state.caps.full:
         try:
             state.launcher.start()
