@@ -480,6 +480,10 @@ class Driver(ABC):
     """One per cgroup flavour of the host: ``v1``, ``v2`` or ``none``."""
 
     name: str
+    # Whether available()/open_session() may move this process to another cgroup (v2: into a
+    # systemd scope, or out of a cgroup that other processes share), so that a helper process
+    # started before stays behind: the plugin starts its factory early only where not.
+    moves_self = False
 
     @abstractmethod
     def open_session(self) -> Session:

@@ -365,6 +365,7 @@ class V2Driver(cg.Driver):
     """cgroup v2: works in the process's own cgroup, delegated to us or obtained from systemd."""
 
     name = "v2"
+    moves_self = True
 
     def __init__(
         self,

@@ -161,13 +161,15 @@ def _starts_early(early_config: pytest.Config) -> tuple[bool, bool]:
     """Whether to start the probe, and the factory, before conftest files load: the probe unless
     pytest only prints its help or version; the factory with --isolate where this process will
     run the tests, as far as the options tell this early (a pytest-xdist worker is told later:
-    its factory starts at pytest_sessionstart)."""
+    its factory starts at pytest_sessionstart), and where the cgroup driver will not move this
+    process (cgroup v2: the factory would stay behind, in a cgroup its sandboxes' processes
+    cannot leave rootless; there it starts at pytest_sessionstart, after the move)."""
     ns = early_config.known_args_namespace
     if getattr(ns, "help", False) or getattr(ns, "version", False):
         return False, False
     here = (not getattr(ns, "collectonly", False) and getattr(ns, "dist", "no") == "no"
             and not getattr(ns, "numprocesses", None) and not getattr(ns, "tx", None))
-    return True, bool(getattr(ns, "isolate", False)) and here
+    return True, bool(getattr(ns, "isolate", False)) and here and not detect().moves_self
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -234,8 +236,8 @@ def _runs_tests_here(config: pytest.Config) -> bool:
 @pytest.hookimpl(tryfirst=True)
 def pytest_sessionstart(session: pytest.Session) -> None:
     """With --isolate every test needs the factory: start its process now if it was not started
-    early (a pytest-xdist worker), so that its interpreter starts while pytest collects rather
-    than while the first test waits for its sandbox."""
+    early (a pytest-xdist worker; cgroup v2, see _starts_early), so that its interpreter starts
+    while pytest collects rather than while the first test waits for its sandbox."""
     config = session.config
     state = _state(config)
     if state.early.factory is not None:
