@@ -1,18 +1,18 @@
 """What a session's start and end cost, phase by phase: plain pytest, pytest-forked and versions of
 this project, side by side in alternating rounds.
 
-    python benchmarks/startup.py [--rounds 25] [--venv DIR] [--user NAME] [REV ...]
+    python benchmarks/startup.py [--rounds 25] [--tests 1] [--venv DIR] [--user NAME] [REV ...]
 
 ``overhead.py`` spreads a session's fixed cost over its tests; this measures it alone, on a suite
-of one trivial test. A conftest stamps CLOCK_MONOTONIC at its import, at pytest_sessionstart,
-at the test's logstart and logfinish, at pytest_unconfigure and in an atexit handler; the script
+of one trivial test (``--tests``: more, so that the last ones overlap as in a real run). A conftest stamps CLOCK_MONOTONIC at its import, at pytest_sessionstart,
+at the first test's logstart and the last one's logfinish, at pytest_unconfigure and in an atexit handler; the script
 stamps the process's start and end. Printed: the median of each phase in each mode (ms) and of
 the whole run, and each mode's run minus plain pytest's. Phases, each from the stamp before:
 
     conftest       the interpreter's and pytest's start, plugins imported (the conftest is loaded)
     sessionstart   the rest of the configuration, pytest_sessionstart's hooks
     logstart       collection, the header
-    logfinish      the one test: its sandbox (the first: the factory must be up), fork, protocol
+    logfinish      the tests: the first one's sandbox (the factory must be up), fork, protocol
     unconfigure    the session's end: summary, sessionfinish
     atexit         the unconfigure hooks (the factory's end), pytest's return
     end            the interpreter's teardown, the process's exit
@@ -52,10 +52,11 @@ def pytest_sessionstart(session):
     _STAMPS.append(("sessionstart", _now()))
 
 def pytest_runtest_logstart(nodeid):
-    _STAMPS.append(("logstart", _now()))
+    if not any(name == "logstart" for name, _ in _STAMPS):
+        _STAMPS.append(("logstart", _now()))
 
 def pytest_runtest_logfinish(nodeid):
-    _STAMPS.append(("logfinish", _now()))
+    _STAMPS[:] = [stamp for stamp in _STAMPS if stamp[0] != "logfinish"] + [("logfinish", _now())]
 
 def pytest_unconfigure(config):
     _STAMPS.append(("unconfigure", _now()))
@@ -95,6 +96,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("revs", nargs="*", metavar="REV")
     parser.add_argument("--rounds", type=int, default=25)
+    parser.add_argument("--tests", type=int, default=1)
     parser.add_argument("--venv", default=os.path.join(PROJECT, ".bench-venv"))
     parser.add_argument("--user", default="", help="run pytest as this user (rootless; needs root)")
     opts = parser.parse_args()
@@ -103,8 +105,8 @@ def main() -> int:
     try:
         suite = os.path.join(work, "suite")
         os.mkdir(suite)
-        with open(os.path.join(suite, "test_one.py"), "w") as f:
-            f.write("def test_one():\n    pass\n")
+        with open(os.path.join(suite, "test_some.py"), "w") as f:
+            f.write("".join(f"def test_{i}():\n    pass\n" for i in range(opts.tests)))
         with open(os.path.join(suite, "conftest.py"), "w") as f:
             f.write(STAMPS_CONFTEST)
         modes: dict[str, tuple[str, list[str]]] = {"plain": ("", ["-p", "no:isolate"]),
@@ -124,7 +126,7 @@ def main() -> int:
                 runs[name].append(run_once(python, suite, args, path, opts.user))
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    print(f"one trivial test, {opts.rounds} rounds round-robin, median ms per phase"
+    print(f"{opts.tests} trivial test(s), {opts.rounds} rounds round-robin, median ms per phase"
           f"{f', uid of {opts.user}' if opts.user else ''}")
     width = max(12, *(len(name) + 2 for name in modes))
     print(f"{'phase':<14}" + "".join(f"{name:>{width}}" for name in modes))

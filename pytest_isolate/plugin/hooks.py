@@ -408,9 +408,13 @@ def _overlap(item: pytest.Item, nextitem: Optional[pytest.Item], state: State) -
                 nextitem._initrequest()  # type: ignore[attr-defined]
             plan = _plan(nextitem, spec)
             launcher = state.launcher
+            items = nextitem.session.items
 
             def order_guess() -> None:
-                launcher.prepare(plan)  # the item after is most likely alike; its hook corrects that
+                # the item after is most likely alike (its hook corrects that); after the last
+                # one none follows, and a sandbox built for it would only be torn down at the end
+                if not items or items[-1] is not nextitem:
+                    launcher.prepare(plan)
 
             run = launcher.begin(plan, lambda chan: protocol._sandboxed_protocol(nextitem, chan),
                                  after_start=order_guess, timeout=_effective_timeout(nextitem, spec))
