@@ -15,10 +15,10 @@ from ..engine.channel import Channel
 from ..engine.explain import explain
 from ..engine import errors
 from ..engine.host import current_host, disk_upper_dirs
+from ..engine.factory import Factory
 from ..engine.launch import Launcher, Outcome, Plan, Running
 from ..engine.spec import SandboxSpec, SpecError
 from ..linux.cgroups import Driver, NoneDriver, detect
-from ..engine.factory import Factory
 from ..linux.probe import Capabilities, Started, probe, start as start_probe
 from . import protocol
 from .marker import MARKER_HELP, item_spec
@@ -49,11 +49,13 @@ class IsolationDegradedWarning(pytest.PytestWarning, errors.IsolationDegradedWar
 class Early:
     """What is started before pytest loads conftest files (pytest_load_initial_conftests), to be
     ready when the session needs it: the probe's child and, with --isolate, the factory, whose
-    interpreter takes tens of milliseconds to start. Handed to State, or closed unused."""
+    interpreter takes tens of milliseconds to start (and the cgroup driver detected to decide
+    that, which State reuses). Handed to State; closed in pytest_unconfigure."""
 
-    def __init__(self, probing: Optional[Started], factory: Optional[Factory]) -> None:
-        self.probing = probing
-        self.factory = factory
+    def __init__(self) -> None:
+        self.probing: Optional[Started] = None
+        self.factory: Optional[Factory] = None
+        self.driver: Optional[Driver] = None
 
     def close(self) -> None:
         if self.probing is not None:
@@ -73,7 +75,7 @@ class State:
     def __init__(self, config: pytest.Config, settings: Settings) -> None:
         self.config = config
         self.settings = settings
-        self.early = config.stash.get(EARLY_KEY, None) or Early(None, None)
+        self.early = config.stash.get(EARLY_KEY, None) or Early()
         self.recorder = Recorder()
         self._launcher: Optional[Launcher] = None
         self._caps: Optional[Capabilities] = None
@@ -91,7 +93,7 @@ class State:
     @property
     def driver(self) -> Driver:
         if self._driver is None:
-            self._driver = detect() if self.settings.cgroups == "auto" else NoneDriver(
+            self._driver = (self.early.driver or detect()) if self.settings.cgroups == "auto" else NoneDriver(
                 "cgroups are turned off (--isolate-cgroups=off). Fix: use --isolate-cgroups=auto")
         return self._driver
 
@@ -129,7 +131,6 @@ class State:
         if self._launcher is not None:
             self._launcher.close()
             self._launcher = None
-        self.early.close()
         # upper layer bases on disk: the factory removes each once its last build is gone; here
         # those of a plan it never built for
         for plan in self.plans.values():
@@ -157,34 +158,32 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     add_options(parser)
 
 
-def _starts_early(early_config: pytest.Config) -> tuple[bool, bool]:
-    """Whether to start the probe, and the factory, before conftest files load: the probe unless
-    pytest only prints its help or version; the factory with --isolate where this process will
-    run the tests, as far as the options tell this early (a pytest-xdist worker is told later:
-    its factory starts at pytest_sessionstart), and where the cgroup driver will not move this
-    process (cgroup v2: the factory would stay behind, in a cgroup its sandboxes' processes
-    cannot leave rootless; there it starts at pytest_sessionstart, after the move)."""
-    ns = early_config.known_args_namespace
-    if getattr(ns, "help", False) or getattr(ns, "version", False):
-        return False, False
-    here = (not getattr(ns, "collectonly", False) and getattr(ns, "dist", "no") == "no"
-            and not getattr(ns, "numprocesses", None) and not getattr(ns, "tx", None))
-    return True, bool(getattr(ns, "isolate", False)) and here and not detect().moves_self
+def _isolates_here_early(ns: Any) -> bool:
+    """--isolate, and this process will run the tests, as far as the options tell before conftest
+    files load (a pytest-xdist worker is told later: its factory starts at pytest_sessionstart)."""
+    return (bool(getattr(ns, "isolate", False)) and not getattr(ns, "collectonly", False)
+            and getattr(ns, "dist", "no") == "no" and not getattr(ns, "numprocesses", None)
+            and not getattr(ns, "tx", None))
 
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_load_initial_conftests(early_config: pytest.Config) -> None:
-    """Start the probe's child and (see _starts_early) the factory now, so that both work while
-    pytest loads conftest files and collects, instead of while the session waits."""
-    probing, factory = _starts_early(early_config)
-    if not probing or EARLY_KEY in early_config.stash:
+    """Start the probe's child (unless pytest only prints its help or version) and, see
+    _isolates_here_early, the factory now, so that both work while pytest loads conftest files
+    and collects, instead of while the session waits. Not the factory where the cgroup driver may
+    move this process (cgroup v2): it would stay behind, in a cgroup its sandboxes' processes
+    cannot leave rootless; there it starts at pytest_sessionstart, after the move."""
+    ns = early_config.known_args_namespace
+    if getattr(ns, "help", False) or getattr(ns, "version", False):
         return
-    early = Early(None, None)
+    early = Early()
     early_config.stash[EARLY_KEY] = early
     try:
         early.probing = start_probe()
-        if factory:
-            early.factory = Factory()
+        if _isolates_here_early(ns):
+            early.driver = detect()
+            if not early.driver.moves_self:
+                early.factory = Factory()
     except OSError:  # no fork, no processes left: the session tries again where the error reaches a test
         pass
 
@@ -206,7 +205,7 @@ def pytest_unconfigure(config: pytest.Config) -> None:
         state.close()
         config.pluginmanager.unregister(state)
     early = config.stash.get(EARLY_KEY, None)
-    if early is not None:  # pytest_configure failed before it made State
+    if early is not None:  # after State's launcher: what it did not take (also if there is no State)
         early.close()
 
 
@@ -236,7 +235,7 @@ def _runs_tests_here(config: pytest.Config) -> bool:
 @pytest.hookimpl(tryfirst=True)
 def pytest_sessionstart(session: pytest.Session) -> None:
     """With --isolate every test needs the factory: start its process now if it was not started
-    early (a pytest-xdist worker; cgroup v2, see _starts_early), so that its interpreter starts
+    early (a pytest-xdist worker; cgroup v2, see pytest_load_initial_conftests), so that its interpreter starts
     while pytest collects rather than while the first test waits for its sandbox."""
     config = session.config
     state = _state(config)
